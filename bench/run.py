@@ -1,0 +1,58 @@
+"""Run kdfast's benchmarks and write their results as JSON lines.
+
+    kdfast bench                      # every benchmark, on the GPU if there is one
+    kdfast bench softmax_kl --quick   # one family, small sizes
+    OUT=dir kdfast bench              # results into dir (as `make gpu-check` does)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+
+import torch
+
+from bench.harness import run_case, write_records
+
+FAMILIES = ["softmax_kl"]
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def default_output(device: str) -> str:
+    folder = os.environ.get("OUT") or RESULTS
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = torch.cuda.get_device_name().replace(" ", "-") if device == "cuda" else "cpu"
+    return os.path.join(folder, f"{name.lower()}_{stamp}.jsonl")
+
+
+def run(names: list[str], out: str | None, quick: bool, device: str | None = None) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        print(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(FAMILIES)}")
+        return 2
+    out = out or default_output(device)
+    warmup, repeat = (1, 3) if quick else ((3, 7) if device == "cpu" else (10, 50))
+    records = []
+    for name in names or FAMILIES:
+        module = importlib.import_module(f"bench.{name}")
+        for case in module.cases(device, quick):
+            records += run_case(case, warmup, repeat)
+    write_records(records, out)
+    failed = [r for r in records if r["kind"] != "timing" and not r.get("met")]
+    print(f"\n{len(records)} records -> {out}")
+    for r in failed:
+        print(f"floor not met: {r['op']} {r['provider']} ({r['kind']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kdfast bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(FAMILIES)})")
+    parser.add_argument("--out", help="results file (default: $OUT or bench/results/<device>_<time>.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke test)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    args = parser.parse_args(argv)
+    return run(args.names, args.out, args.quick, args.device)

@@ -1,0 +1,87 @@
+"""Fused softmax-KL (SoftTarget) forward + backward against fasterai's eager formula,
+torch.compile of it, and Liger-Kernel where importable."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Case, Floor, fwd_bwd
+
+import kdfast
+from kdfast import _backend
+from kdfast.functional import soft_target_kl
+from kdfast.ops.softmax_kl import KERNELS
+
+
+def fasterai_soft_target(pred, teacher_pred, T=4.0):
+    """fasterai 0.4.1's SoftTarget, the eager formula kdfast replaces."""
+    student_soft = F.log_softmax(pred / T, dim=1)
+    teacher_soft = F.softmax(teacher_pred / T, dim=1)
+    return torch.nn.KLDivLoss(reduction="batchmean")(student_soft, teacher_soft) * (T * T)
+
+
+def _inputs(n, v, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = (torch.randn(n, v, device=device, dtype=torch.float32, generator=g) * 4).to(dtype).requires_grad_()
+    t = (torch.randn(n, v, device=device, dtype=torch.float32, generator=g) * 4).to(dtype)
+    return s, t
+
+
+def _providers(n, v, dtype, device, T):
+    def eager():
+        s, t = _inputs(n, v, dtype, device)
+        return fwd_bwd(fasterai_soft_target, s, t, T)
+
+    def compiled():
+        s, t = _inputs(n, v, dtype, device)
+        return fwd_bwd(torch.compile(fasterai_soft_target), s, t, T)
+
+    def kdfast_backend(name):
+        def build():
+            s, t = _inputs(n, v, dtype, device)
+
+            def loss(s, t):
+                with kdfast.use_backend(name):
+                    return soft_target_kl(s, t, T=T)
+            return fwd_bwd(loss, s, t)
+        return build
+
+    providers = {"fasterai-eager": eager, "torch-compile": compiled}
+    for name in ("torch",) + _backend.BACKENDS[1:]:
+        if _backend.unavailable_reason(name, device, KERNELS) is None and not (name == "triton" and device == "cpu"):
+            providers[f"kdfast-{name}"] = kdfast_backend(name)
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers import LigerKLDIVLoss
+        except ImportError:
+            pass
+        else:
+            liger = LigerKLDIVLoss(reduction="batchmean")
+
+            def liger_provider():
+                s, t = _inputs(n, v, dtype, device)
+
+                def loss(s, t):  # Liger takes log-probabilities and has no temperature
+                    return liger(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1)) * (T * T)
+                return fwd_bwd(loss, s, t)
+            providers["liger-kl-div"] = liger_provider
+    return providers
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    T = 4.0
+    if device == "cpu":
+        n, v = (256, 8000) if quick else (2048, 32000)
+        dtype = torch.float32
+        return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
+                     min_bytes=3 * n * v * 4,
+                     floors=[Floor("kdfast-cpu", "fasterai-eager", 4.0), Floor("kdfast-cpu", "torch-compile", 1.5)])]
+    n, v = (1024, 32000) if quick else (8192, 128256)
+    dtype = torch.bfloat16
+    grad_bytes = n * v * 2
+    best = [p for p in ("kdfast-cuda", "kdfast-triton")]
+    return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
+                 min_bytes=3 * n * v * 2,
+                 floors=[Floor(p, b, 1.5) for p in best for b in ("torch-compile", "liger-kl-div")],
+                 gbps_floors={p: 3000.0 for p in best},
+                 memory_ceilings={p: int(grad_bytes + 0.01 * 3 * grad_bytes) for p in best})]

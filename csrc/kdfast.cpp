@@ -1,0 +1,51 @@
+// kdfast._C: the schemas of kdfast's compiled kernels and what the extension was built with.
+//
+// The kernels are plain PyTorch operators in the `kdfast_C` namespace; each device
+// registers its implementation with TORCH_LIBRARY_IMPL next to the kernel
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu). The public ops, with autograd, fake kernels and the
+// choice of backend, are the `kdfast::` custom ops defined in Python (kdfast/ops/).
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+namespace kdfast {
+#if KDFAST_WITH_CUDA
+std::string cuda_build_info();  // csrc/cuda/build_info.cu
+#endif
+
+// "key=value" lines, parsed by kdfast/_extension.py.
+std::string build_info() {
+  std::string info = "torch=" TORCH_VERSION "\n";
+  info += "compiler=" __VERSION__ "\n";
+#if defined(CPU_CAPABILITY_AVX2)
+  info += "cpu_capability=AVX2\n";
+#else
+  info += "cpu_capability=DEFAULT\n";
+#endif
+#if KDFAST_WITH_CUDA
+  info += "cuda=1\n" + cuda_build_info();
+#else
+  info += "cuda=0\n";
+#endif
+  return info;
+}
+}  // namespace kdfast
+
+TORCH_LIBRARY(kdfast_C, m) {
+  m.def("build_info() -> str", &kdfast::build_info);
+  // Fused temperature-softmax KL (csrc/softmax_kl_math.h). Returns the T^2-scaled loss of
+  // every row (rows: the input's shape without `dim`, opmath dtype) and, when compute_grad,
+  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float32 tensor.
+  m.def(
+      "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
+      "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
+      "bool compute_grad) -> (Tensor, Tensor)");
+}
+
+// `import kdfast._C` loads this library, which registers the operators above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,113 @@
+"""Input checks with errors written for the user: what was wrong, what was seen, the fix."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .ops._common import REDUCTIONS
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def check_tensor(x, name: str, op: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} has dtype {x.dtype}; distillation losses need floating-point "
+                        f"tensors (logits or features), e.g. {name}.float()")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {_shape(x)}); pass a non-empty batch")
+    return x
+
+
+def check_pair(s, t, op: str, s_name: str, t_name: str, same_shape: bool = True) -> None:
+    check_tensor(s, s_name, op)
+    check_tensor(t, t_name, op)
+    if s.device != t.device:
+        raise ValueError(f"{op}: {s_name} is on {s.device} and {t_name} on {t.device}; "
+                         f"move the teacher's outputs to the student's device")
+    if same_shape and s.shape != t.shape:
+        raise ValueError(f"{op}: {s_name} has shape {_shape(s)} and {t_name} {_shape(t)}; they must match "
+                         f"(same batch and, for logits, the same number of classes)")
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"{op}: {s_name} has batch size {s.shape[0]} and {t_name} {t.shape[0]}; "
+                         f"student and teacher must see the same batch")
+
+
+def check_dim(x: torch.Tensor, dim: int, op: str, name: str) -> int:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{op}: dim={dim} is out of range for {name} of shape {_shape(x)} "
+                         f"(valid: {-x.dim()} to {x.dim() - 1})")
+    return dim % x.dim()
+
+
+def check_temperature(T, op: str) -> float:
+    if isinstance(T, torch.Tensor):
+        if T.numel() != 1:
+            raise ValueError(f"{op}: T must be a number, got a tensor of shape {_shape(T)}")
+        T = T.item()
+    if not isinstance(T, (int, float)) or isinstance(T, bool) or not math.isfinite(T) or T <= 0:
+        raise ValueError(f"{op}: temperature T must be a finite number > 0, got {T!r}; "
+                         f"T=1 is the plain softmax, distillation commonly uses 2 to 8")
+    return float(T)
+
+
+def check_reduction(reduction: str, op: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+    return reduction
+
+
+def check_target(target, logits: torch.Tensor, dim: int, op: str, ignore_index: int = -100,
+                 num_classes: int | None = None):
+    """target: integer class indices, one per row of ``logits`` (its shape without ``dim``);
+    with ``num_classes``, each must be a class or ``ignore_index``."""
+    if target is None:
+        return None
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{op}: target must be a tensor of class indices, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"{op}: target must hold integer class indices, got dtype {target.dtype}; "
+                        f"use target.long() (for one-hot targets: target.argmax(dim))")
+    rows_shape = logits.shape[:dim] + logits.shape[dim + 1:]
+    if target.shape != rows_shape:
+        if target.numel() != math.prod(rows_shape):
+            raise ValueError(f"{op}: target has shape {_shape(target)} but the logits {_shape(logits)} with "
+                             f"dim={dim} have rows of shape [{', '.join(map(str, rows_shape))}]; "
+                             f"pass one class index per row")
+        target = target.reshape(rows_shape)
+    if target.device != logits.device:
+        raise ValueError(f"{op}: target is on {target.device} and the logits on {logits.device}")
+    if num_classes is not None and target.device.type == "cpu" and not torch.compiler.is_compiling():
+        # (Checked eagerly on the CPU only: on a GPU this would wait for the device. The kernels
+        # check too: the CPU kernel raises, the GPU kernels give the row a NaN loss.)
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"{op}: target holds class index {int(target[bad][0])} outside [0, {num_classes}) "
+                             f"for logits with {num_classes} classes")
+    return target
+
+
+def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """Pair hooked activations in order: fasterai's ``zip(fm_s, fm_t)`` with clear errors."""
+    for name, fm in (("fm_s", fm_s), ("fm_t", fm_t)):
+        if fm is None:
+            raise ValueError(f"{op}: {name} is None; this loss compares intermediate features: pass "
+                             f"activations_student / activations_teacher to the callback, or dicts of "
+                             f"tensors when calling the loss directly")
+        if not isinstance(fm, (Mapping, Sequence)) or isinstance(fm, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a dict (layer name -> activation) or a list of tensors, "
+                            f"got {type(fm).__name__}")
+    items_s = list(fm_s.items()) if isinstance(fm_s, Mapping) else [(str(i), v) for i, v in enumerate(fm_s)]
+    items_t = list(fm_t.items()) if isinstance(fm_t, Mapping) else [(str(i), v) for i, v in enumerate(fm_t)]
+    if len(items_s) != len(items_t):
+        raise ValueError(f"{op}: {len(items_s)} student layers ({', '.join(k for k, _ in items_s)}) but "
+                         f"{len(items_t)} teacher layers ({', '.join(k for k, _ in items_t)}); "
+                         f"pair every student layer with one teacher layer")
+    if not items_s:
+        raise ValueError(f"{op}: fm_s and fm_t are empty; no layers were hooked (check the layer names)")
+    return [(ks, vs, kt, vt) for (ks, vs), (kt, vt) in zip(items_s, items_t)]

@@ -1,0 +1,128 @@
+"""Tensor-level distillation ops, each on the fastest backend available (see kdfast._backend).
+
+Teacher inputs never receive gradient. Inputs may be float16, bfloat16, float32 or
+float64; kdfast accumulates in float32 (float64 for float64) and returns losses in that
+dtype.
+
+NaN and Inf: a NaN anywhere in a row gives a NaN loss (rows ignored through
+``ignore_index`` excepted: they add exactly 0 and get a zero gradient). A ``-inf`` logit
+is a class of probability 0: where the teacher's is 0 it adds nothing, where only the
+student's is 0 the KL is ``+inf``. A ``+inf`` logit has no softmax: NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks as checks
+from .ops import attention as _attention
+from .ops import relational as _relational
+from .ops.softmax_kl import softmax_kl_loss
+
+__all__ = [
+    "soft_target_kl", "decoupled_kd", "attention_transfer",
+    "rkd_distance", "rkd_angle", "pkt", "similarity_preserving",
+]
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0,
+                   reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the class dim ``dim``.
+
+    reduction: 'batchmean' (default) divides the sum by the size of dim 0 as torch's
+    KLDivLoss does (fasterai's SoftTarget, also for [B, C, H, W] logits with dim=1);
+    'mean' by the number of rows; 'sum'; 'none' gives one loss per row (the shape without
+    ``dim``). With ``target`` (class indices, one per row), rows whose target is
+    ``ignore_index`` are left out and 'batchmean' / 'mean' divide by the rows kept
+    (token-level LLM distillation); all rows ignored gives 0.
+    """
+    op = "soft_target_kl"
+    checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
+    dim = checks.check_dim(student_logits, dim, op, "student_logits")
+    T = checks.check_temperature(T, op)
+    checks.check_reduction(reduction, op)
+    target = checks.check_target(target, student_logits, dim, op, ignore_index)
+    return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim,
+                           target=target, ignore_index=ignore_index, op=op)
+
+
+def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                 T: float = 4.0, alpha: float = 1.0, beta: float = 8.0, normalize: bool = False,
+                 reduction: str = "batchmean", dim: int = -1, ignore_index: int = -100) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022) as fasterai computes it: ``T² (alpha·TCKD + beta·NCKD)``.
+
+    TCKD compares the binary [target class, rest] probabilities, NCKD the distributions over
+    the non-target classes. ``normalize`` picks fasterai's two NCKD forms, which agree unless
+    logits differ by ~1000·T (the fused kernels compute the exact non-target softmax).
+    Rows whose target is ``ignore_index`` are left out, as in :func:`soft_target_kl`.
+    """
+    op = "decoupled_kd"
+    if target is None:
+        raise ValueError(f"{op}: DecoupledKD requires `target` labels. Use SoftTarget for label-free distillation.")
+    checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
+    dim = checks.check_dim(student_logits, dim, op, "student_logits")
+    num_classes = student_logits.shape[dim]
+    if num_classes < 2:
+        raise ValueError(f"{op}: logits of shape {tuple(student_logits.shape)} have {num_classes} class along "
+                         f"dim={dim}; decoupling target and non-target classes needs at least 2")
+    T = checks.check_temperature(T, op)
+    checks.check_reduction(reduction, op)
+    target = checks.check_target(target, student_logits, dim, op, ignore_index, num_classes)
+    return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
+                           ignore_index=ignore_index, decoupled=True, alpha=float(alpha), beta=float(beta),
+                           normalize=bool(normalize), op=op)
+
+
+def _check_features(f_s, f_t, op, min_dim=3):
+    checks.check_pair(f_s, f_t, op, "f_s", "f_t", same_shape=False)
+    for name, f in (("f_s", f_s), ("f_t", f_t)):
+        if f.dim() < min_dim:
+            raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
+                             f"(or [B, C, *spatial]) to build spatial attention")
+
+
+def attention_transfer(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Attention transfer for one layer pair: ``a(f) = normalize(mean_c f^p)`` over the
+    spatial positions, loss the mean over (batch, positions) of ``(a_s - a_t)²``.
+    Channel counts may differ; spatial sizes must match."""
+    op = "attention_transfer"
+    _check_features(f_s, f_t, op)
+    if f_s.shape[2:] != f_t.shape[2:]:
+        raise ValueError(f"{op}: spatial sizes differ: f_s {tuple(f_s.shape)} vs f_t {tuple(f_t.shape)}; "
+                         f"pair layers of the same resolution (kdfast.fastai.match_feature_layers finds them)")
+    if not isinstance(p, (int, float)) or p <= 0:
+        raise ValueError(f"{op}: p must be a number > 0, got {p!r}")
+    return _attention.attention_transfer(f_s, f_t, p)
+
+
+def _check_embeddings(e_s, e_t, op):
+    checks.check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
+    if e_s.shape[0] < 2:
+        raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
+                         f"each other and need a batch of at least 2")
+
+
+def rkd_distance(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
+    """RKD distance loss (Park et al. 2019) on embeddings [B, ...] (flattened); student and
+    teacher widths may differ."""
+    _check_embeddings(e_s, e_t, "rkd_distance")
+    return _relational.rkd_distance_ref(e_s, e_t)
+
+
+def rkd_angle(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
+    """RKD angle loss (Park et al. 2019) on embeddings [B, ...] (flattened)."""
+    _check_embeddings(e_s, e_t, "rkd_angle")
+    return _relational.rkd_angle_ref(e_s, e_t)
+
+
+def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018) on embeddings [B, ...]."""
+    _check_embeddings(e_s, e_t, "pkt")
+    return _relational.pkt_ref(e_s, e_t, eps)
+
+
+def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019) as fasterai computes it: MSE between the
+    row-normalised Gram matrices of the flattened features."""
+    _check_embeddings(f_s, f_t, "similarity_preserving")
+    return _relational.similarity_preserving_ref(f_s, f_t, p)

@@ -1,0 +1,65 @@
+"""``kdfast.info()`` / ``kdfast info``: versions, how kdfast._C was built, and for every
+backend whether it is available and, if not, why."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import _backend, _extension
+from .ops import attention, relational, softmax_kl
+
+OPS = {
+    "soft_target_kl / decoupled_kd": softmax_kl.KERNELS,
+    "attention_transfer": attention.KERNELS,
+    "rkd_distance / rkd_angle / pkt / similarity_preserving": relational.KERNELS,
+}
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def info_text() -> str:
+    from . import __version__
+
+    lines = [
+        f"kdfast {__version__}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_triton_version()}, "
+        f"Python {platform.python_version()}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (compute capability "
+                     f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("GPU: none")
+    if _extension.LOADED:
+        b = _extension.BUILD_INFO
+        cuda = (f"with CUDA {b.get('cuda_runtime', '?')} kernels for archs {b.get('cuda_archs', '?')}"
+                if _extension.WITH_CUDA else "without CUDA kernels")
+        lines.append(f"kdfast._C: built for torch {b.get('torch')} with {b.get('compiler', '?')}, "
+                     f"CPU {b.get('cpu_capability', '?')}, {cuda}")
+    else:
+        lines.append(f"kdfast._C: not loaded: {_extension.LOAD_ERROR}")
+    lines.append(f"backend in force: {_backend.current_backend()} (KDFAST_BACKEND / kdfast.use_backend)")
+    lines.append("backends:")
+    for name in _backend.BACKENDS:
+        reason = _backend.PLATFORM_REASONS[name]
+        devices = ", ".join(_backend.BACKEND_DEVICES.get(name, ("any device",)))
+        if name == "triton" and _backend.TRITON_INTERPRETED:
+            devices += " (interpreted on the CPU: TRITON_INTERPRET=1)"
+        status = f"available ({devices})" if reason is None else f"unavailable: {reason}"
+        lines.append(f"  {name:7s} {status}")
+    lines.append("ops (kernels; auto picks per device: cuda > triton > torch on GPU, cpu > torch on CPU):")
+    for op, kernels in OPS.items():
+        lines.append(f"  {op}: {', '.join(kernels)}")
+    return "\n".join(lines)
+
+
+def info() -> None:
+    """Print kdfast's versions, build and backend status."""
+    print(info_text())

@@ -1,0 +1,1 @@
+"""kdfast custom ops, one module per family: reference, fake kernel, autograd, backend choice."""

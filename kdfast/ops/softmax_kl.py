@@ -1,0 +1,148 @@
+"""Temperature-softmax KL: SoftTarget, Mutual and DecoupledKD behind one fused op.
+
+``soft_target_kl_ref`` and ``decoupled_kd_ref`` are the definitions (and the torch
+backend); ``kdfast::softmax_kl`` runs the fused kernels (C++ CPU, Triton, CUDA), which
+compute each row's loss and its gradient in one pass over the logits (math in
+csrc/softmax_kl_math.h). The gradient is saved in forward and scaled by the incoming
+gradient in backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import select_backend
+from ._common import acc_dtype, reduce_rows, reduction_divisor, scale_saved_grad
+
+KERNELS = ("torch", "cpu", "triton", "cuda")
+
+
+def soft_target_kl_ref(s: torch.Tensor, t: torch.Tensor, T: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """Per-row ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` over ``dim`` (rows: the shape without dim).
+
+    Classes the teacher gives probability 0 (e.g. -inf logits) add 0, as in the KL's
+    definition. Computed in float32 (float64 for float64 inputs).
+    """
+    acc = acc_dtype(s.dtype)
+    log_p = F.log_softmax(s.to(acc) / T, dim)
+    log_q = F.log_softmax(t.to(acc) / T, dim)
+    q = log_q.exp()
+    return (T * T) * torch.where(q > 0, q * (log_q - log_p), 0).sum(dim)
+
+
+def decoupled_kd_ref(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, T: float = 4.0,
+                     alpha: float = 1.0, beta: float = 8.0, normalize: bool = False,
+                     dim: int = -1) -> torch.Tensor:
+    """Per-row Decoupled KD (Zhao et al. 2022), exactly as fasterai 0.4.1 computes it.
+
+    TCKD: KL of the binary [target, rest] distributions (student clamped at 1e-7);
+    NCKD: KL over the non-target classes, masking the target by -1000 (normalize=False) or
+    dropping it (normalize=True; the two agree unless logits differ by ~1000·T);
+    row loss ``T² (alpha TCKD + beta NCKD)``.
+    """
+    acc = acc_dtype(s.dtype)
+    s, t = s.to(acc).movedim(dim, -1), t.to(acc).movedim(dim, -1)
+    C = s.shape[-1]
+    gt = F.one_hot(target, C).bool()
+    p_s, p_t = F.softmax(s / T, -1), F.softmax(t / T, -1)
+    ps_g = p_s.gather(-1, target.unsqueeze(-1))
+    pt_g = p_t.gather(-1, target.unsqueeze(-1))
+    b_s = torch.cat([ps_g, 1 - ps_g], -1)
+    b_t = torch.cat([pt_g, 1 - pt_g], -1)
+    tckd = F.kl_div(b_s.clamp(min=1e-7).log(), b_t, reduction="none").sum(-1)
+    if normalize:
+        rows_shape = s.shape[:-1] + (C - 1,)
+        s_nt, t_nt = (s / T)[~gt].view(rows_shape), (t / T)[~gt].view(rows_shape)
+        nckd = F.kl_div(F.log_softmax(s_nt, -1), F.softmax(t_nt, -1), reduction="none").sum(-1)
+    else:
+        shift = gt.to(acc) * 1000.0
+        nckd = F.kl_div(F.log_softmax(s / T - shift, -1), F.softmax(t / T - shift, -1), reduction="none").sum(-1)
+    return (T * T) * (alpha * tckd + beta * nckd)
+
+
+def softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction):
+    """The whole op in plain PyTorch (the torch backend): rows, ignored rows, reduction."""
+    kept = None
+    if target is not None:
+        kept = target != ignore_index
+        # Ignored rows get harmless stand-ins so that they add exactly 0, NaN input included.
+        s = s.masked_fill(~kept.unsqueeze(dim), 0)
+        t = t.masked_fill(~kept.unsqueeze(dim), 0)
+        target = target.masked_fill(~kept, 0)
+    if decoupled:
+        rows = decoupled_kd_ref(s, t, target, T, alpha, beta, normalize, dim)
+    else:
+        rows = soft_target_kl_ref(s, t, T, dim)
+    if kept is not None:
+        rows = rows.masked_fill(~kept, 0)
+    return reduce_rows(rows, reduction, s.shape[0], kept)
+
+
+@torch.library.custom_op("kdfast::softmax_kl", mutates_args=())
+def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, dim: int, T: float,
+               ignore_index: int, decoupled: bool, alpha: float, beta: float, reduction: str,
+               compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused softmax-KL: (reduced loss, its gradient w.r.t. s or an empty tensor).
+
+    ``dim`` must be non-negative, s and t of one dtype; backend in cpu / cuda / triton.
+    """
+    kept = None if target is None else target != ignore_index
+    divisor = reduction_divisor(reduction, s.shape[0], s.numel() // s.shape[dim], kept)
+    if isinstance(divisor, int):  # a fill, not a host-to-device copy
+        scale = torch.full((), 1.0 / divisor, dtype=torch.float64, device=s.device)
+    else:
+        scale = divisor.to(torch.float64).reciprocal()
+    if backend == "triton":
+        from ..triton.softmax_kl import softmax_kl_triton
+        rows, grad = softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled, compute_grad)
+    else:
+        rows, grad = torch.ops.kdfast_C.softmax_kl(s, t, target, scale, dim, T, ignore_index, alpha, beta,
+                                                   decoupled, compute_grad)
+    if compute_grad and grad.stride() != s.stride() and grad.stride() != torch.empty_like(s).stride():
+        grad = torch.empty_like(s).copy_(grad)  # the layout the fake kernel promises
+    if reduction == "none":
+        return rows, grad
+    return (rows.sum() * scale).to(rows.dtype), grad
+
+
+@softmax_kl.register_fake
+def _(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, reduction, compute_grad, backend):
+    acc = acc_dtype(s.dtype)
+    rows_shape = s.shape[:dim] + s.shape[dim + 1:]
+    loss = s.new_empty(rows_shape if reduction == "none" else (), dtype=acc)
+    grad = torch.empty_like(s) if compute_grad else s.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    s, t, target, dim, T, ignore_index, decoupled, alpha, beta, reduction, compute_grad, backend = inputs
+    ctx.dim, ctx.reduction, ctx.compute_grad = dim, reduction, compute_grad
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _):
+    if not ctx.compute_grad:
+        raise RuntimeError("kdfast: softmax_kl was called with compute_grad=False and cannot backpropagate")
+    (grad,) = ctx.saved_tensors
+    grad_loss = grad_loss.unsqueeze(ctx.dim) if ctx.reduction == "none" else grad_loss
+    return (scale_saved_grad(grad, grad_loss),) + (None,) * 11
+
+
+softmax_kl.register_autograd(_backward, setup_context=_setup_context)
+
+
+def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
+                    decoupled=False, alpha=1.0, beta=8.0, normalize=False, op="soft_target_kl"):
+    """Run the op on the chosen backend. Inputs are validated by kdfast.functional."""
+    t = t.detach()
+    if s.dtype != t.dtype:
+        common = torch.promote_types(s.dtype, t.dtype)
+        s, t = s.to(common), t.to(common)
+    dim = dim % s.dim()
+    backend = select_backend(op, KERNELS, s.device)
+    if backend == "torch":
+        return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction)
+    compute_grad = torch.is_grad_enabled() and s.requires_grad
+    loss, _ = softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha), float(beta),
+                         reduction, compute_grad, backend)
+    return loss

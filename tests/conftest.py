@@ -1,0 +1,57 @@
+"""Test setup: Triton runs interpreted on the CPU when there is no GPU (set before any
+import of triton), and helpers shared by the kernel tests."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kdfast  # noqa: E402
+from kdfast import _backend  # noqa: E402
+
+# Largest error allowed against the float64 reference, relative to the reference's largest
+# magnitude: fp32 accumulation everywhere, so the output's own rounding dominates
+# (bfloat16 keeps 8 bits of mantissa, float16 11).
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-6,
+    torch.bfloat16: 8e-3,
+    torch.float16: 1e-3,
+}
+LOSS_TOLERANCE = {  # losses are accumulated and returned in fp32 whatever the input dtype
+    torch.float64: 1e-10,
+    torch.float32: 2e-6,
+    torch.bfloat16: 2e-6,
+    torch.float16: 2e-6,
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def kernel_backends(device: str, kernels) -> list[str]:
+    """The non-reference backends that can run these kernels on this device here."""
+    return [b for b in ("cpu", "triton", "cuda")
+            if _backend.unavailable_reason(b, device, kernels) is None]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """max |actual - expected| <= tol * max(|expected|, tiny), compared in float64."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(actual)), f"{what}: non-finite entries differ"
+    assert torch.equal(actual[~finite].nan_to_num(0), expected[~finite].nan_to_num(0)), \
+        f"{what}: infinite entries differ"
+    if finite.any():
+        scale = expected[finite].abs().max().clamp_min(1e-30)
+        err = (actual[finite] - expected[finite]).abs().max()
+        assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    """Every test starts and ends with the backend on auto."""
+    with kdfast.use_backend("auto"):
+        yield

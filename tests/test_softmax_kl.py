@@ -1,0 +1,285 @@
+"""soft_target_kl / decoupled_kd: every backend against the float64 reference."""
+import pytest
+import torch
+
+import kdfast
+from kdfast import functional as KF
+from kdfast.ops import softmax_kl as op
+from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, kernel_backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [  # (shape, dim): odd vocabularies, [B, T, V], segmentation [B, C, H, W] with dim=1
+    ((41, 1271), -1),
+    ((3, 2), 1),
+    ((1, 7), -1),
+    ((2, 5, 33), -1),
+    ((2, 5, 3, 4), 1),
+    ((2, 3, 9), 0),
+]
+LAYOUTS = ["contiguous", "strided", "permuted"]
+
+
+def params(device):
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    return [pytest.param(device, b, marks=marks, id=f"{device}-{b}")
+            for b in kernel_backends(device, op.KERNELS)]
+
+
+BACKENDS = [p for d in DEVICES for p in params(d)]
+
+
+def make(shape, dtype, device, layout="contiguous", scale=3.0, seed=0):
+    """Random logits in the given memory layout (values do not depend on the layout)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if layout == "strided":  # every other element of a larger tensor along the last dim
+        big = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
+        big[..., ::2] = x
+        x = big[..., ::2]
+    elif layout == "permuted":  # same values, reversed memory order of the dims
+        x = x.permute(*reversed(range(x.dim()))).contiguous().permute(*reversed(range(x.dim())))
+    return x.to(device)
+
+
+def reference(s, t, grad_out, **kw):
+    """Float64 loss and student gradient, through autograd of the reference."""
+    s64 = s.detach().double().requires_grad_()
+    kw = {"target": None, "ignore_index": -100, "decoupled": False, "alpha": 1.0, "beta": 8.0,
+          "normalize": False, **kw}
+    kw["dim"] = kw["dim"] % s.dim()
+    loss = op.softmax_kl_ref(s64, t.detach().double(), **kw)
+    (loss * grad_out.double()).sum().backward()
+    return loss.detach(), s64.grad
+
+
+def run(backend, s, t, grad_out, fn=KF.soft_target_kl, **kw):
+    s = s.detach().requires_grad_()
+    with kdfast.use_backend(backend):
+        loss = fn(s, t, **kw)
+    (loss * grad_out.to(loss.dtype)).sum().backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", CASES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_soft_target_kl_matches_reference(device, backend, dtype, shape, dim, layout):
+    s = make(shape, dtype, device, layout, seed=1)
+    t = make(shape, dtype, device, "contiguous", seed=2)
+    grad_out = torch.tensor(1.7, device=device)  # not 1: the saved gradient is scaled
+    loss, grad = run(backend, s, t, grad_out, T=2.5, dim=dim)
+    ref_loss, ref_grad = reference(s, t, grad_out, T=2.5, dim=dim, reduction="batchmean")
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == s.shape
+    assert_close(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")
+    assert_close(grad, ref_grad, TOLERANCE[dtype], "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("shape,dim", [((4, 5, 17), -1), ((2, 6, 3, 5), 1)], ids=str)
+def test_reductions(device, backend, reduction, shape, dim):
+    s, t = make(shape, torch.float32, device, seed=3), make(shape, torch.float32, device, seed=4)
+    rows = shape[:dim % len(shape)] + shape[dim % len(shape) + 1:]
+    grad_out = torch.rand(rows if reduction == "none" else (), device=device) + 0.5
+    loss, grad = run(backend, s, t, grad_out, T=3.0, dim=dim, reduction=reduction)
+    ref_loss, ref_grad = reference(s, t, grad_out, T=3.0, dim=dim, reduction=reduction)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad, ref_grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_ignore_index_leaves_rows_out(device, backend, reduction):
+    B, L, V = 3, 6, 50
+    s, t = make((B, L, V), torch.float32, device, seed=5), make((B, L, V), torch.float32, device, seed=6)
+    target = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0)).to(device)
+    target[0, :4] = -1
+    target[2, 1] = -1
+    s[0, 0, 3] = float("nan")  # inside an ignored row: must not leak
+    rows = (B, L) if reduction == "none" else ()
+    grad_out = torch.rand(rows, device=device) + 0.5
+    loss, grad = run(backend, s, t, grad_out, T=2.0, reduction=reduction, target=target, ignore_index=-1)
+    ref_loss, ref_grad = reference(s, t, grad_out, T=2.0, dim=-1, reduction=reduction, target=target,
+                                   ignore_index=-1)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad, ref_grad, 1e-5, "grad")
+    assert torch.all(grad[target == -1] == 0)
+    if reduction in ("batchmean", "mean"):  # divides by the 13 rows kept, not by B or B*L
+        kept = (target != -1).sum()
+        manual = op.soft_target_kl_ref(s.double().nan_to_num(), t.double(), 2.0)[target != -1].sum() / kept
+        assert_close(loss, manual, 1e-5, "kept-rows mean")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_all_rows_ignored_gives_zero(device, backend):
+    s, t = make((4, 9), torch.float32, device, seed=7), make((4, 9), torch.float32, device, seed=8)
+    target = torch.full((4,), -100, device=device)
+    loss, grad = run(backend, s, t, torch.tensor(1.0, device=device), target=target)
+    assert loss.item() == 0.0 and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("T", [0.1, 1.0, 4.0, 100.0])
+def test_extreme_logits(device, backend, T):
+    s, t = make((6, 300), torch.float32, device, seed=9), make((6, 300), torch.float32, device, seed=10)
+    s[0, 5], t[0, 7] = 1e4, -1e4
+    s[1, :] *= 3000
+    t[2, 10:20] = float("-inf")  # masked classes of the teacher
+    s[3, 0:5] = float("-inf")
+    t[3, 0:5] = float("-inf")  # masked in both
+    s[4, :] = -1e4
+    t[4, :] = 1e4
+    grad_out = torch.tensor(0.3, device=device)
+    loss, grad = run(backend, s, t, grad_out, T=T)
+    ref_loss, ref_grad = reference(s, t, grad_out, T=T, dim=-1, reduction="batchmean")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad, ref_grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_student_minus_inf_where_teacher_has_mass_is_infinite(device, backend):
+    s, t = make((2, 10), torch.float32, device, seed=11), make((2, 10), torch.float32, device, seed=12)
+    s[1, 4] = float("-inf")
+    loss, _ = run(backend, s, t, torch.tensor(1.0, device=device), reduction="none")
+    assert torch.isfinite(loss[0]) and loss[1].item() == float("inf")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_nan_input_gives_nan_loss(device, backend):
+    s, t = make((3, 10), torch.float32, device, seed=13), make((3, 10), torch.float32, device, seed=14)
+    t[1, 2] = float("nan")
+    with kdfast.use_backend(backend):
+        rows = KF.soft_target_kl(s, t, reduction="none")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("shape,dim", [((37, 101), -1), ((2, 5, 3, 4), 1)], ids=str)
+def test_decoupled_kd_matches_reference(device, backend, dtype, normalize, shape, dim):
+    s, t = make(shape, dtype, device, seed=15), make(shape, dtype, device, seed=16)
+    d = dim % len(shape)
+    rows = shape[:d] + shape[d + 1:]
+    target = torch.randint(0, shape[d], rows, generator=torch.Generator().manual_seed(1)).to(device)
+    target.view(-1)[0] = -100
+    grad_out = torch.tensor(0.7, device=device)
+    kw = dict(T=4.0, alpha=1.5, beta=6.0, normalize=normalize, dim=dim)
+    loss, grad = run(backend, s, t, grad_out, fn=KF.decoupled_kd, target=target, **kw)
+    ref_loss, ref_grad = reference(s, t, grad_out, target=target, decoupled=True, reduction="batchmean", **kw)
+    assert_close(loss, ref_loss, max(LOSS_TOLERANCE[dtype], 1e-5 if dtype != torch.float64 else 0), "loss")
+    assert_close(grad, ref_grad, max(TOLERANCE[dtype], 1e-5 if dtype != torch.float64 else 0), "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_decoupled_kd_confident_target(device, backend):
+    """p_target -> 1 and -> 0 hit the 1e-7 clamp of TCKD; the kernels' exact log-odds agree."""
+    s, t = make((4, 20), torch.float64, device, seed=17), make((4, 20), torch.float64, device, seed=18)
+    target = torch.tensor([0, 1, 2, 3], device=device)
+    s[0, 0] = 80.0
+    t[1, 1] = 90.0
+    s[2, 2] = -80.0
+    grad_out = torch.tensor(1.0, device=device, dtype=torch.float64)
+    loss, grad = run(backend, s, t, grad_out, fn=KF.decoupled_kd, target=target, T=1.0)
+    ref_loss, ref_grad = reference(s, t, grad_out, target=target, decoupled=True, T=1.0, dim=-1,
+                                   reduction="batchmean")
+    assert_close(loss, ref_loss, 1e-6, "loss")
+    assert_close(grad, ref_grad, 1e-6, "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_gradcheck(device, backend, reduction):
+    s = make((4, 7), torch.float64, device, seed=19).requires_grad_()
+    t = make((4, 7), torch.float64, device, seed=20)
+    target = torch.tensor([1, 0, -100, 6], device=device)
+
+    def f(x):
+        with kdfast.use_backend(backend):
+            return (KF.soft_target_kl(x, t, T=1.7, reduction=reduction, target=target),
+                    KF.decoupled_kd(x, t, target, T=2.2, reduction=reduction))
+
+    assert torch.autograd.gradcheck(f, (s,))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_opcheck(device, backend, decoupled):
+    s = make((6, 35), torch.float32, device, seed=21).requires_grad_()
+    t = make((6, 35), torch.float32, device, seed=22)
+    target = torch.tensor([0, 3, -100, 34, 7, 7], device=device)
+    for reduction in ("batchmean", "none"):
+        args = (s, t, target, 1, 3.0, -100, decoupled, 1.0, 8.0, reduction, True, backend)
+        torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, args)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_torch_compile_fullgraph(device, backend):
+    s = make((8, 50), torch.float32, device, seed=23).requires_grad_()
+    t = make((8, 50), torch.float32, device, seed=24)
+    target = torch.arange(8, device=device)
+
+    def loss_fn(s, t, target):
+        return 0.5 * KF.soft_target_kl(s, t, T=4.0) + KF.decoupled_kd(s, t, target) * 1.3
+
+    def loss_and_grad(fn):
+        loss = fn(s, t, target)
+        return loss.detach(), torch.autograd.grad(loss, s)[0]
+
+    torch._dynamo.reset()
+    with kdfast.use_backend(backend):
+        eager = loss_and_grad(loss_fn)
+        compiled = loss_and_grad(torch.compile(loss_fn, fullgraph=True))
+    assert_close(compiled[0], eager[0], 1e-6, "loss")
+    assert_close(compiled[1], eager[1], 1e-6, "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_teacher_gets_no_gradient(device, backend):
+    s = make((4, 9), torch.float32, device, seed=25).requires_grad_()
+    t = make((4, 9), torch.float32, device, seed=26).requires_grad_()
+    with kdfast.use_backend(backend):
+        KF.soft_target_kl(s, t, T=2.0).backward()
+    assert s.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_mixed_dtypes_promote(device, backend):
+    s = make((4, 33), torch.float32, device, seed=27)
+    t = make((4, 33), torch.bfloat16, device, seed=28)
+    grad_out = torch.tensor(1.0, device=device)
+    loss, grad = run(backend, s, t, grad_out, T=2.0)
+    ref_loss, ref_grad = reference(s, t, grad_out, T=2.0, dim=-1, reduction="batchmean")
+    assert grad.dtype == torch.float32
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad, ref_grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_backward_twice_with_retain_graph(device, backend):
+    """The gradient saved in forward survives a retained graph's backward."""
+    s = make((4, 9), torch.float32, device, seed=29).requires_grad_()
+    t = make((4, 9), torch.float32, device, seed=30)
+    with kdfast.use_backend(backend):
+        loss = KF.soft_target_kl(s, t)
+    first = torch.autograd.grad(loss, s, retain_graph=True)[0]
+    second = torch.autograd.grad(2 * loss, s, retain_graph=True)[0]
+    third = torch.autograd.grad(loss, s)[0]  # graph freed: scaled in place
+    assert torch.equal(second, 2 * first) and torch.equal(third, first)
+
+
+def test_auto_uses_the_cpu_kernel_on_cpu():
+    if kdfast._backend.PLATFORM_REASONS["cpu"] is not None:
+        pytest.skip(kdfast._backend.PLATFORM_REASONS["cpu"])
+    assert kdfast._backend.select_backend("soft_target_kl", op.KERNELS, torch.device("cpu")) == "cpu"
+
+
+def test_no_grad_skips_the_gradient():
+    s, t = make((4, 9), torch.float32, "cpu", seed=31), make((4, 9), torch.float32, "cpu", seed=32)
+    s.requires_grad_()
+    with torch.no_grad():
+        loss = KF.soft_target_kl(s, t)
+    assert loss.grad_fn is None and torch.isfinite(loss)
