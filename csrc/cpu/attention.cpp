@@ -1,0 +1,393 @@
+// Fused attention transfer on the CPU (math: attention_math.h).
+//
+// Forward, for all layer pairs of a step in one call:
+//   1. channel means r = mean_c f^p of every student and teacher map, one sweep over each
+//      (work items: a sample and a run of positions; at::parallel_for over all of them);
+//   2. per sample, from r_s and r_t (a few KB, in cache): the loss and w = dL/dr_s, written
+//      over r_s. The loss is the sum of per-sample losses in a fixed order (deterministic).
+// Backward: grad = (grad_loss p / C) w[b, x] f^(p-1), one read of f_s, one write of grad.
+// Three layouts, chosen per map: positions contiguous (NCHW: vectors run along x, a
+// sample's channel rows are added into a row of accumulators in L1), channels contiguous
+// (channels_last: vectors run along c, one horizontal sum per position), and any other
+// strides (scalar).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention.h"
+
+namespace kdfast {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores up to kStep consecutive elements as lanes of the accumulation type.
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kStep = Vec::size();
+  static Vec load(const scalar_t* p, int64_t n = kStep) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return n == kStep ? Vec::loadu(p) : Vec::loadu(p, n);
+    } else {
+      return at::vec::convert<acc_t>(Vectorized<scalar_t>::loadu(p, n));
+    }
+  }
+  static void store(scalar_t* p, const Vec& v, int64_t n = kStep) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(p, n);
+    } else {
+      at::vec::convert<scalar_t>(v).store(p, n);
+    }
+  }
+};
+
+template <typename acc_t>
+acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t sum = 0;
+  for (int64_t l = 0; l < Vectorized<acc_t>::size(); ++l) sum += lanes[l];
+  return sum;
+}
+
+// A per-thread scratch buffer reused across calls.
+template <typename acc_t>
+acc_t* scratch(int64_t n) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// v + f^p, vectorized.
+template <AttentionPower P, typename Vec>
+Vec add_power(const Vec& acc, const Vec& f, const Vec& p) {
+  if constexpr (P == AttentionPower::Square) {
+    return at::vec::fmadd(f, f, acc);
+  } else {
+    return acc + f.pow(p);
+  }
+}
+
+template <AttentionPower P, typename Vec>
+Vec power_grad(const Vec& f, const Vec& p_minus_1) {
+  if constexpr (P == AttentionPower::Square) {
+    return f;
+  } else {
+    return f.pow(p_minus_1);
+  }
+}
+
+enum class Layout { Positions, Channels, Strided };
+
+// Positions contiguous is preferred when a row holds at least a vector.
+template <typename acc_t>
+Layout pick_layout(const FeatureView& a, const FeatureView& b) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  const bool x_ok = a.x_contiguous() && b.x_contiguous();
+  const bool c_ok = a.c_contiguous() && b.c_contiguous();
+  if (x_ok && (a.X >= K || !c_ok)) return Layout::Positions;
+  if (c_ok) return Layout::Channels;
+  return x_ok ? Layout::Positions : Layout::Strided;
+}
+
+// ---- forward, step 1: channel means ---------------------------------------------------
+
+// One map's share of the work: items are (sample, run of `chunk` positions).
+struct MeanTask {
+  const void* f;
+  FeatureView v;
+  void* out;  // [B, X] opmath
+  Layout layout;
+  int64_t chunk, items;
+};
+
+template <typename scalar_t, AttentionPower P>
+void channel_mean_item(const MeanTask& t, int64_t item, at::opmath_type<scalar_t> p) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  constexpr int64_t K = L::kStep;
+  const FeatureView& v = t.v;
+  const scalar_t* f = static_cast<const scalar_t*>(t.f);
+  const int64_t chunks = (v.X + t.chunk - 1) / t.chunk;
+  const int64_t b = item / chunks, x0 = (item % chunks) * t.chunk;
+  const int64_t nx = std::min(t.chunk, v.X - x0);
+  acc_t* out = static_cast<acc_t*>(t.out) + b * v.X + x0;
+  const acc_t inv_C = acc_t(1) / acc_t(v.C);
+  const Vec vp(p);
+
+  if (t.layout == Layout::Channels) {
+    for (int64_t j = 0; j < nx; ++j) {
+      const scalar_t* row = f + v.offset(b, 0, x0 + j);
+      Vec a0(0), a1(0);
+      int64_t c = 0;
+      for (; c + 2 * K <= v.C; c += 2 * K) {
+        a0 = add_power<P>(a0, L::load(row + c), vp);
+        a1 = add_power<P>(a1, L::load(row + c + K), vp);
+      }
+      for (; c < v.C; c += K) {
+        const int64_t n = std::min(K, v.C - c);
+        a0 = Vec::set(a0, add_power<P>(a0, L::load(row + c, n), vp), n);
+      }
+      out[j] = reduce_sum(a0 + a1) * inv_C;
+    }
+    return;
+  }
+
+  acc_t* acc = scratch<acc_t>(nx);
+  std::fill(acc, acc + nx, acc_t(0));
+  if (t.layout == Layout::Strided) {
+    for (int64_t c = 0; c < v.C; ++c) {
+      for (int64_t j = 0; j < nx; ++j) {
+        acc[j] += attention_power_of<P>(static_cast<acc_t>(f[v.offset(b, c, x0 + j)]), p);
+      }
+    }
+  } else {
+    // Positions contiguous: add channel rows into the accumulators, four rows a sweep so
+    // that the accumulators are loaded and stored once per four rows read.
+    const scalar_t* base = f + b * v.sb + x0;
+    int64_t c = 0;
+    for (; c + 4 <= v.C; c += 4) {
+      const scalar_t* r0 = base + c * v.sc;
+      const scalar_t *r1 = r0 + v.sc, *r2 = r1 + v.sc, *r3 = r2 + v.sc;
+      for (int64_t j = 0; j < nx; j += K) {
+        const int64_t n = std::min(K, nx - j);
+        Vec a = Vec::loadu(acc + j, n);
+        a = add_power<P>(a, L::load(r0 + j, n), vp);
+        a = add_power<P>(a, L::load(r1 + j, n), vp);
+        a = add_power<P>(a, L::load(r2 + j, n), vp);
+        a = add_power<P>(a, L::load(r3 + j, n), vp);
+        a.store(acc + j, n);
+      }
+    }
+    for (; c < v.C; ++c) {
+      const scalar_t* r0 = base + c * v.sc;
+      for (int64_t j = 0; j < nx; j += K) {
+        const int64_t n = std::min(K, nx - j);
+        add_power<P>(Vec::loadu(acc + j, n), L::load(r0 + j, n), vp).store(acc + j, n);
+      }
+    }
+  }
+  for (int64_t j = 0; j < nx; ++j) out[j] = acc[j] * inv_C;
+}
+
+// Enough items for every thread (several each, for balance), each at least ~16K elements.
+int64_t position_chunk(const FeatureView& v, Layout layout, int64_t vec, int64_t maps) {
+  if (layout == Layout::Channels) return std::max<int64_t>(1, std::min(v.X, 16384 / v.C));
+  int64_t chunk = std::min<int64_t>(v.X, 2048);
+  const int64_t want = 4 * at::get_num_threads();
+  if (v.B * maps * ((v.X + chunk - 1) / chunk) < want) {
+    const int64_t per_sample = (want + v.B * maps - 1) / (v.B * maps);
+    chunk = std::max<int64_t>(vec * 8, (v.X + per_sample - 1) / per_sample);
+    chunk = std::min(v.X, (chunk + vec - 1) / vec * vec);
+  }
+  return chunk;
+}
+
+template <typename scalar_t, AttentionPower P>
+void channel_means(const std::vector<MeanTask>& tasks, double p) {
+  std::vector<int64_t> begin(tasks.size() + 1, 0);
+  for (size_t k = 0; k < tasks.size(); ++k) begin[k + 1] = begin[k] + tasks[k].items;
+  at::parallel_for(0, begin.back(), 1, [&](int64_t lo, int64_t hi) {
+    size_t k = std::upper_bound(begin.begin(), begin.end(), lo) - begin.begin() - 1;
+    for (int64_t i = lo; i < hi; ++i) {
+      while (i >= begin[k + 1]) ++k;
+      channel_mean_item<scalar_t, P>(tasks[k], i - begin[k], static_cast<at::opmath_type<scalar_t>>(p));
+    }
+  });
+}
+
+// ---- forward, step 2: per-sample loss and w --------------------------------------------
+
+template <typename acc_t>
+void finish_samples(AttentionForwardProblem& prob) {
+  std::vector<int64_t> pair_of;  // sample index -> pair
+  for (size_t i = 0; i < prob.maps.size(); ++i) pair_of.insert(pair_of.end(), prob.v_s[i].B, i);
+  acc_t* sample_loss = prob.sample_loss.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, static_cast<int64_t>(pair_of.size()), 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
+      const int64_t i = pair_of[s], b = s - prob.sample_begin[i];
+      const int64_t B = prob.v_s[i].B, X = prob.v_s[i].X;
+      acc_t* rs = prob.maps[i].mutable_data_ptr<acc_t>() + b * X;
+      const acc_t* rt = prob.teacher_means[i].const_data_ptr<acc_t>() + b * X;
+      acc_t ss_s = 0, ss_t = 0;
+      for (int64_t x = 0; x < X; ++x) {
+        ss_s += rs[x] * rs[x];
+        ss_t += rt[x] * rt[x];
+      }
+      const auto nrm = attention_sample_norms(ss_s, ss_t);
+      acc_t sum_d2 = 0, dot = 0;
+      for (int64_t x = 0; x < X; ++x) {
+        const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
+        sum_d2 += d * d;
+        dot += a_s * d;
+      }
+      const acc_t scale = acc_t(2) / (acc_t(B) * acc_t(X));
+      const auto k = attention_map_coefs(nrm, dot, scale);
+      for (int64_t x = 0; x < X; ++x) {
+        const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
+        rs[x] = k.coef_d * d + k.coef_a * a_s;
+      }
+      sample_loss[s] = sum_d2 / (acc_t(B) * acc_t(X));
+    }
+  });
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
+    at::TensorList f_s, at::TensorList f_t, double p) {
+  AttentionForwardProblem prob = prepare_attention_forward(f_s.vec(), f_t.vec(), p);
+  at::Tensor loss;
+  KDFAST_DISPATCH_FLOATING(prob.f_s[0].scalar_type(), "attention_transfer_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t K = Vectorized<acc_t>::size();
+    std::vector<MeanTask> tasks;
+    const int64_t maps = 2 * static_cast<int64_t>(prob.f_s.size());
+    for (size_t i = 0; i < prob.f_s.size(); ++i) {
+      for (const auto& [f, v, out] : {std::tuple{prob.f_s[i], prob.v_s[i], prob.maps[i]},
+                                      std::tuple{prob.f_t[i], prob.v_t[i], prob.teacher_means[i]}}) {
+        MeanTask t{f.const_data_ptr(), v, out.mutable_data_ptr(), pick_layout<acc_t>(v, v), 1, 0};
+        t.chunk = position_chunk(v, t.layout, K, maps);
+        t.items = v.B * ((v.X + t.chunk - 1) / t.chunk);
+        tasks.push_back(t);
+      }
+    }
+    if (attention_power(p) == AttentionPower::Square) {
+      channel_means<scalar_t, AttentionPower::Square>(tasks, p);
+    } else {
+      channel_means<scalar_t, AttentionPower::General>(tasks, p);
+    }
+    finish_samples<acc_t>(prob);
+    const acc_t* sample_loss = prob.sample_loss.const_data_ptr<acc_t>();
+    acc_t total = 0;
+    for (int64_t s = 0; s < prob.sample_loss.numel(); ++s) total += sample_loss[s];
+    loss = at::empty({}, prob.sample_loss.options());
+    *loss.mutable_data_ptr<acc_t>() = total;
+  });
+  return {loss, prob.maps};
+}
+
+// ---- backward --------------------------------------------------------------------------
+
+struct GradTask {
+  const void* f;
+  void* grad;
+  const void* w;  // [B, X] opmath
+  FeatureView vf, vg;
+  Layout layout;
+  int64_t chunk, items;  // items: (sample, run of `chunk` channels or positions)
+};
+
+template <typename scalar_t, AttentionPower P>
+void grad_item(const GradTask& t, int64_t item, at::opmath_type<scalar_t> coef,
+               at::opmath_type<scalar_t> p_minus_1) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  constexpr int64_t K = L::kStep;
+  const FeatureView &vf = t.vf, &vg = t.vg;
+  const scalar_t* f = static_cast<const scalar_t*>(t.f);
+  scalar_t* grad = static_cast<scalar_t*>(t.grad);
+  const int64_t inner = t.layout == Layout::Channels ? vf.X : vf.C;  // what items split
+  const int64_t chunks = (inner + t.chunk - 1) / t.chunk;
+  const int64_t b = item / chunks, lo = (item % chunks) * t.chunk, hi = std::min(inner, lo + t.chunk);
+  const acc_t* w = static_cast<const acc_t*>(t.w) + b * vf.X;
+  const Vec vpm1(p_minus_1);
+
+  if (t.layout == Layout::Channels) {  // items: runs of positions; vectors along c
+    for (int64_t x = lo; x < hi; ++x) {
+      const scalar_t* fr = f + vf.offset(b, 0, x);
+      scalar_t* gr = grad + vg.offset(b, 0, x);
+      const Vec k(w[x] * coef);
+      for (int64_t c = 0; c < vf.C; c += K) {
+        const int64_t n = std::min(K, vf.C - c);
+        L::store(gr + c, k * power_grad<P>(L::load(fr + c, n), vpm1), n);
+      }
+    }
+    return;
+  }
+  // items: runs of channels
+  acc_t* wk = scratch<acc_t>(vf.X);
+  for (int64_t x = 0; x < vf.X; ++x) wk[x] = w[x] * coef;
+  for (int64_t c = lo; c < hi; ++c) {
+    if (t.layout == Layout::Strided) {
+      for (int64_t x = 0; x < vf.X; ++x) {
+        const acc_t fx = static_cast<acc_t>(f[vf.offset(b, c, x)]);
+        grad[vg.offset(b, c, x)] = static_cast<scalar_t>(wk[x] * attention_power_grad<P>(fx, p_minus_1));
+      }
+      continue;
+    }
+    const scalar_t* fr = f + b * vf.sb + c * vf.sc;
+    scalar_t* gr = grad + b * vg.sb + c * vg.sc;
+    int64_t x = 0;
+    for (; x + K <= vf.X; x += K) {
+      L::store(gr + x, Vec::loadu(wk + x) * power_grad<P>(L::load(fr + x), vpm1));
+    }
+    if (const int64_t n = vf.X - x; n > 0) {
+      L::store(gr + x, Vec::loadu(wk + x, n) * power_grad<P>(L::load(fr + x, n), vpm1), n);
+    }
+  }
+}
+
+template <typename scalar_t, AttentionPower P>
+void attention_grads(const std::vector<GradTask>& tasks, const std::vector<double>& coefs, double p) {
+  std::vector<int64_t> begin(tasks.size() + 1, 0);
+  for (size_t k = 0; k < tasks.size(); ++k) begin[k + 1] = begin[k] + tasks[k].items;
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, begin.back(), 1, [&](int64_t lo, int64_t hi) {
+    size_t k = std::upper_bound(begin.begin(), begin.end(), lo) - begin.begin() - 1;
+    for (int64_t i = lo; i < hi; ++i) {
+      while (i >= begin[k + 1]) ++k;
+      grad_item<scalar_t, P>(tasks[k], i - begin[k], static_cast<acc_t>(coefs[k]), static_cast<acc_t>(p - 1));
+    }
+  });
+}
+
+std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_loss, at::TensorList f_s,
+                                                        at::TensorList maps, double p) {
+  AttentionBackwardProblem prob = prepare_attention_backward(f_s.vec(), maps.vec(), p);
+  KDFAST_CHECK(grad_loss.numel() == 1, "attention_transfer_backward: grad_loss must hold one value");
+  const double go = grad_loss.item<double>();
+  KDFAST_DISPATCH_FLOATING(prob.f_s[0].scalar_type(), "attention_transfer_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<GradTask> tasks;
+    std::vector<double> coefs;
+    for (size_t i = 0; i < prob.f_s.size(); ++i) {
+      const FeatureView &vf = prob.v_f[i], &vg = prob.v_g[i];
+      GradTask t{prob.f_s[i].const_data_ptr(), prob.out[i].mutable_data_ptr(), prob.maps[i].const_data_ptr(),
+                 vf, vg, pick_layout<acc_t>(vf, vg), 1, 0};
+      if (t.layout == Layout::Channels) {
+        t.chunk = std::max<int64_t>(1, std::min(vf.X, 32768 / vf.C));
+        t.items = vf.B * ((vf.X + t.chunk - 1) / t.chunk);
+      } else {
+        t.chunk = std::max<int64_t>(1, std::min(vf.C, 32768 / vf.X));
+        t.items = vf.B * ((vf.C + t.chunk - 1) / t.chunk);
+      }
+      tasks.push_back(t);
+      coefs.push_back(go * p / static_cast<double>(vf.C));
+    }
+    if (attention_power(p) == AttentionPower::Square) {
+      attention_grads<scalar_t, AttentionPower::Square>(tasks, coefs, p);
+    } else {
+      attention_grads<scalar_t, AttentionPower::General>(tasks, coefs, p);
+    }
+  });
+  return finish_attention_backward(prob);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast_C, CPU, m) {
+  m.impl("attention_transfer_forward", &attention_transfer_forward_cpu);
+  m.impl("attention_transfer_backward", &attention_transfer_backward_cpu);
+}
+
+}  // namespace kdfast
