@@ -32,35 +32,59 @@ namespace kdfast {
 
 constexpr double kAttentionEps = 1e-12;  // F.normalize's default
 
-// How f^p is computed: p == 2 exactly (the default; f*f, gradient 2f) or any p > 0
-// through pow, with C's semantics as torch.pow (negative f: a real result for integer p,
-// NaN otherwise).
+// How f^p is computed: p == 2 exactly (the default; f*f, gradient 2f) or any p > 0 with
+// torch.pow's semantics (negative f: a real result for integer p, NaN otherwise): integer
+// exponents up to kMaxIntPower by repeated squaring (a few multiplies), others through pow.
 enum class AttentionPower : int { Square = 0, General = 1 };
 
 inline AttentionPower attention_power(double p) {
   return p == 2.0 ? AttentionPower::Square : AttentionPower::General;
 }
 
+constexpr int kMaxIntPower = 64;
+
+// The exponent e as an integer for repeated squaring, or -1 to use pow.
+KDFAST_HD int integer_power(double e) {
+  return e >= 0 && e <= kMaxIntPower && e == static_cast<double>(static_cast<int>(e)) ? static_cast<int>(e) : -1;
+}
+
 KDFAST_HD float pow_(float x, float y) { return powf(x, y); }
 KDFAST_HD double pow_(double x, double y) { return pow(x, y); }
 
+template <typename acc_t>
+KDFAST_HD acc_t ipow_(acc_t x, int n) {  // x^n, n >= 0 (x^0 = 1, as pow)
+  acc_t r = acc_t(1);
+  while (n > 0) {
+    if (n & 1) r *= x;
+    x *= x;
+    n >>= 1;
+  }
+  return r;
+}
+
+// f^e for the general power: e_int = integer_power(e).
+template <typename acc_t>
+KDFAST_HD acc_t general_power(acc_t f, acc_t e, int e_int) {
+  return e_int >= 0 ? ipow_(f, e_int) : pow_(f, e);
+}
+
 // f^p
 template <AttentionPower P, typename acc_t>
-KDFAST_HD acc_t attention_power_of(acc_t f, acc_t p) {
+KDFAST_HD acc_t attention_power_of(acc_t f, acc_t p, int p_int) {
   if constexpr (P == AttentionPower::Square) {
     return f * f;
   } else {
-    return pow_(f, p);
+    return general_power(f, p, p_int);
   }
 }
 
 // f^(p-1): the gradient of f^p without its factor p (folded into the per-map constant).
 template <AttentionPower P, typename acc_t>
-KDFAST_HD acc_t attention_power_grad(acc_t f, acc_t p_minus_1) {
+KDFAST_HD acc_t attention_power_grad(acc_t f, acc_t p_minus_1, int pm1_int) {
   if constexpr (P == AttentionPower::Square) {
     return f;
   } else {
-    return pow_(f, p_minus_1);
+    return general_power(f, p_minus_1, pm1_int);
   }
 }
 

@@ -67,22 +67,42 @@ acc_t* scratch(int64_t n) {
   return buffer.data();
 }
 
-// v + f^p, vectorized.
+// Exponents of the general power: e as a vector, and as an integer (or -1, see
+// integer_power in attention_math.h).
+template <typename Vec>
+struct Exponent {
+  Vec e;
+  int e_int;
+};
+
+template <typename Vec>
+Vec general_power(Vec f, const Exponent<Vec>& e) {
+  if (e.e_int < 0) return f.pow(e.e);
+  Vec r(1);
+  for (int n = e.e_int; n > 0; n >>= 1) {
+    if (n & 1) r = r * f;
+    f = f * f;
+  }
+  return r;
+}
+
+// acc + f^p, vectorized.
 template <AttentionPower P, typename Vec>
-Vec add_power(const Vec& acc, const Vec& f, const Vec& p) {
+Vec add_power(const Vec& acc, const Vec& f, const Exponent<Vec>& p) {
   if constexpr (P == AttentionPower::Square) {
     return at::vec::fmadd(f, f, acc);
   } else {
-    return acc + f.pow(p);
+    return acc + general_power(f, p);
   }
 }
 
+// f^(p-1)
 template <AttentionPower P, typename Vec>
-Vec power_grad(const Vec& f, const Vec& p_minus_1) {
+Vec power_grad(const Vec& f, const Exponent<Vec>& p_minus_1) {
   if constexpr (P == AttentionPower::Square) {
     return f;
   } else {
-    return f.pow(p_minus_1);
+    return general_power(f, p_minus_1);
   }
 }
 
@@ -123,7 +143,8 @@ void channel_mean_item(const MeanTask& t, int64_t item, at::opmath_type<scalar_t
   const int64_t nx = std::min(t.chunk, v.X - x0);
   acc_t* out = static_cast<acc_t*>(t.out) + b * v.X + x0;
   const acc_t inv_C = acc_t(1) / acc_t(v.C);
-  const Vec vp(p);
+  const int p_int = integer_power(p);
+  const Exponent<Vec> vp{Vec(p), p_int};
 
   if (t.layout == Layout::Channels) {
     for (int64_t j = 0; j < nx; ++j) {
@@ -148,7 +169,7 @@ void channel_mean_item(const MeanTask& t, int64_t item, at::opmath_type<scalar_t
   if (t.layout == Layout::Strided) {
     for (int64_t c = 0; c < v.C; ++c) {
       for (int64_t j = 0; j < nx; ++j) {
-        acc[j] += attention_power_of<P>(static_cast<acc_t>(f[v.offset(b, c, x0 + j)]), p);
+        acc[j] += attention_power_of<P>(static_cast<acc_t>(f[v.offset(b, c, x0 + j)]), p, p_int);
       }
     }
   } else {
@@ -300,7 +321,8 @@ void grad_item(const GradTask& t, int64_t item, at::opmath_type<scalar_t> coef,
   const int64_t chunks = (inner + t.chunk - 1) / t.chunk;
   const int64_t b = item / chunks, lo = (item % chunks) * t.chunk, hi = std::min(inner, lo + t.chunk);
   const acc_t* w = static_cast<const acc_t*>(t.w) + b * vf.X;
-  const Vec vpm1(p_minus_1);
+  const int pm1_int = integer_power(p_minus_1);
+  const Exponent<Vec> vpm1{Vec(p_minus_1), pm1_int};
 
   if (t.layout == Layout::Channels) {  // items: runs of positions; vectors along c
     for (int64_t x = lo; x < hi; ++x) {
@@ -321,7 +343,7 @@ void grad_item(const GradTask& t, int64_t item, at::opmath_type<scalar_t> coef,
     if (t.layout == Layout::Strided) {
       for (int64_t x = 0; x < vf.X; ++x) {
         const acc_t fx = static_cast<acc_t>(f[vf.offset(b, c, x)]);
-        grad[vg.offset(b, c, x)] = static_cast<scalar_t>(wk[x] * attention_power_grad<P>(fx, p_minus_1));
+        grad[vg.offset(b, c, x)] = static_cast<scalar_t>(wk[x] * attention_power_grad<P>(fx, p_minus_1, pm1_int));
       }
       continue;
     }
