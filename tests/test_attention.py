@@ -16,6 +16,7 @@ CASES = [  # (batch, student channels, teacher channels, spatial)
     (2, 16, 8, (4, 4)),
     (2, 5, 3, (2, 3, 4)),
     (3, 6, 2, (9,)),
+    (72, 3, 4, (5, 4)),  # many samples: the CPU kernel's one-region path
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
@@ -275,3 +276,20 @@ def test_no_grad_and_student_without_grad():
     loss = KF.attention_transfer(f_s.detach(), f_t)
     assert loss.grad_fn is None
     assert_close(loss, expected, 1e-6, "loss")
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: KF.attention_transfer([torch.randn(2, 3, 4, 4)], [torch.randn(2, 3, 4, 4)] * 2),
+     r"1 student maps and 2 teacher maps"),
+    (lambda: KF.attention_transfer(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8), pool=True),
+     r"pool=True needs maps with the same number of spatial dims.*\(2, 3, 4, 4\).*\(2, 5, 8\)"),
+    (lambda: KF.attention_transfer([torch.randn(2, 3, 4, 4)], [torch.randn(2, 5, 2, 2)]),
+     r"f_s\[0\] \(2, 3, 4, 4\) vs f_t\[0\] \(2, 5, 2, 2\)"),
+    (lambda: KF.attention_transfer(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4), p=float("inf")),
+     r"p must be a number > 0, got inf"),
+    (lambda: L.Attention(fm_s={"a": torch.randn(2, 3, 4, 4)}, fm_t={"b": torch.randn(3, 3, 4, 4)}),
+     r"fm_s\['a'\] has batch size 2 and fm_t\['b'\] 3"),
+])
+def test_bad_input_gets_a_clear_error(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()

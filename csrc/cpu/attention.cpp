@@ -1,10 +1,11 @@
 // Fused attention transfer on the CPU (math: attention_math.h).
 //
 // Forward, for all layer pairs of a step in one call:
-//   1. channel means r = mean_c f^p of every student and teacher map, one sweep over each
-//      (work items: a sample and a run of positions; at::parallel_for over all of them);
+//   1. channel means r = mean_c f^p of every student and teacher map, one sweep over each;
 //   2. per sample, from r_s and r_t (a few KB, in cache): the loss and w = dL/dr_s, written
 //      over r_s. The loss is the sum of per-sample losses in a fixed order (deterministic).
+//   With enough samples a worker does both steps for whole samples (one parallel region);
+//   with few, step 1 also splits the positions and step 2 follows in a second region.
 // Backward: grad = (grad_loss p / C) w[b, x] f^(p-1), one read of f_s, one write of grad.
 // Three layouts, chosen per map: positions contiguous (NCHW: vectors run along x, a
 // sample's channel rows are added into a row of accumulators in L1), channels contiguous
@@ -229,37 +230,80 @@ void channel_means(const std::vector<MeanTask>& tasks, double p) {
 
 // ---- forward, step 2: per-sample loss and w --------------------------------------------
 
+// Sample b of pair i: w over r_s, and the sample's share of the loss.
 template <typename acc_t>
-void finish_samples(AttentionForwardProblem& prob) {
-  std::vector<int64_t> pair_of;  // sample index -> pair
-  for (size_t i = 0; i < prob.maps.size(); ++i) pair_of.insert(pair_of.end(), prob.v_s[i].B, i);
-  acc_t* sample_loss = prob.sample_loss.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(pair_of.size()), 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t s = lo; s < hi; ++s) {
-      const int64_t i = pair_of[s], b = s - prob.sample_begin[i];
-      const int64_t B = prob.v_s[i].B, X = prob.v_s[i].X;
-      acc_t* rs = prob.maps[i].mutable_data_ptr<acc_t>() + b * X;
-      const acc_t* rt = prob.teacher_means[i].const_data_ptr<acc_t>() + b * X;
-      acc_t ss_s = 0, ss_t = 0;
-      for (int64_t x = 0; x < X; ++x) {
-        ss_s += rs[x] * rs[x];
-        ss_t += rt[x] * rt[x];
-      }
-      const auto nrm = attention_sample_norms(ss_s, ss_t);
-      acc_t sum_d2 = 0, dot = 0;
-      for (int64_t x = 0; x < X; ++x) {
-        const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
-        sum_d2 += d * d;
-        dot += a_s * d;
-      }
-      const acc_t scale = acc_t(2) / (acc_t(B) * acc_t(X));
-      const auto k = attention_map_coefs(nrm, dot, scale);
-      for (int64_t x = 0; x < X; ++x) {
-        const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
-        rs[x] = k.coef_d * d + k.coef_a * a_s;
-      }
-      sample_loss[s] = sum_d2 / (acc_t(B) * acc_t(X));
+void finish_sample(AttentionForwardProblem& prob, size_t i, int64_t b) {
+  const int64_t B = prob.v_s[i].B, X = prob.v_s[i].X;
+  acc_t* rs = prob.maps[i].mutable_data_ptr<acc_t>() + b * X;
+  const acc_t* rt = prob.teacher_means[i].const_data_ptr<acc_t>() + b * X;
+  acc_t ss_s = 0, ss_t = 0;
+  for (int64_t x = 0; x < X; ++x) {
+    ss_s += rs[x] * rs[x];
+    ss_t += rt[x] * rt[x];
+  }
+  const auto nrm = attention_sample_norms(ss_s, ss_t);
+  acc_t sum_d2 = 0, dot = 0;
+  for (int64_t x = 0; x < X; ++x) {
+    const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
+    sum_d2 += d * d;
+    dot += a_s * d;
+  }
+  const acc_t n_elem = acc_t(B) * acc_t(X);
+  const auto k = attention_map_coefs(nrm, dot, acc_t(2) / n_elem);
+  for (int64_t x = 0; x < X; ++x) {
+    const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
+    rs[x] = k.coef_d * d + k.coef_a * a_s;
+  }
+  prob.sample_loss.mutable_data_ptr<acc_t>()[prob.sample_begin[i] + b] = sum_d2 / n_elem;
+}
+
+template <typename scalar_t, AttentionPower P>
+void attention_forward(AttentionForwardProblem& prob) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  const size_t pairs = prob.f_s.size();
+  std::vector<int64_t> pair_of;  // sample (of all pairs) -> pair
+  for (size_t i = 0; i < pairs; ++i) pair_of.insert(pair_of.end(), prob.v_s[i].B, i);
+  const int64_t samples = static_cast<int64_t>(pair_of.size());
+  const acc_t p = static_cast<acc_t>(prob.p);
+  auto mean_task = [&](const at::Tensor& f, const FeatureView& v, const at::Tensor& out, int64_t chunk) {
+    MeanTask t{f.const_data_ptr(), v, out.mutable_data_ptr(), pick_layout<acc_t>(v, v), chunk, 0};
+    t.items = v.B * ((v.X + chunk - 1) / chunk);
+    return t;
+  };
+  if (samples >= 4 * at::get_num_threads()) {
+    // Enough samples: one parallel region, a worker takes whole samples (both channel
+    // means, then the finish while they are in cache).
+    std::vector<MeanTask> tasks;
+    for (size_t i = 0; i < pairs; ++i) {
+      tasks.push_back(mean_task(prob.f_s[i], prob.v_s[i], prob.maps[i], prob.v_s[i].X));
+      tasks.push_back(mean_task(prob.f_t[i], prob.v_t[i], prob.teacher_means[i], prob.v_t[i].X));
     }
+    at::parallel_for(0, samples, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s) {
+        const size_t i = pair_of[s];
+        const int64_t b = s - prob.sample_begin[i];
+        channel_mean_item<scalar_t, P>(tasks[2 * i], b, p);
+        channel_mean_item<scalar_t, P>(tasks[2 * i + 1], b, p);
+        finish_sample<acc_t>(prob, i, b);
+      }
+    });
+    return;
+  }
+  // Few samples: split positions too, then finish the samples.
+  std::vector<MeanTask> tasks;
+  const int64_t maps = 2 * static_cast<int64_t>(pairs);
+  for (size_t i = 0; i < pairs; ++i) {
+    for (int side = 0; side < 2; ++side) {
+      const FeatureView& v = side == 0 ? prob.v_s[i] : prob.v_t[i];
+      const Layout layout = pick_layout<acc_t>(v, v);
+      tasks.push_back(mean_task(side == 0 ? prob.f_s[i] : prob.f_t[i], v,
+                                side == 0 ? prob.maps[i] : prob.teacher_means[i], position_chunk(v, layout, K, maps)));
+    }
+  }
+  channel_means<scalar_t, P>(tasks, prob.p);
+  at::parallel_for(0, samples, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) finish_sample<acc_t>(prob, pair_of[s], s - prob.sample_begin[pair_of[s]]);
   });
 }
 
@@ -269,26 +313,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
   at::Tensor loss;
   KDFAST_DISPATCH_FLOATING(prob.f_s[0].scalar_type(), "attention_transfer_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t K = Vectorized<acc_t>::size();
-    std::vector<MeanTask> tasks;
-    const int64_t maps = 2 * static_cast<int64_t>(prob.f_s.size());
-    for (size_t i = 0; i < prob.f_s.size(); ++i) {
-      for (const auto& [f, v, out] : {std::tuple{prob.f_s[i], prob.v_s[i], prob.maps[i]},
-                                      std::tuple{prob.f_t[i], prob.v_t[i], prob.teacher_means[i]}}) {
-        MeanTask t{f.const_data_ptr(), v, out.mutable_data_ptr(), pick_layout<acc_t>(v, v), 1, 0};
-        t.chunk = position_chunk(v, t.layout, K, maps);
-        t.items = v.B * ((v.X + t.chunk - 1) / t.chunk);
-        tasks.push_back(t);
-      }
-    }
     if (attention_power(p) == AttentionPower::Square) {
-      channel_means<scalar_t, AttentionPower::Square>(tasks, p);
+      attention_forward<scalar_t, AttentionPower::Square>(prob);
     } else {
-      channel_means<scalar_t, AttentionPower::General>(tasks, p);
+      attention_forward<scalar_t, AttentionPower::General>(prob);
     }
-    finish_samples<acc_t>(prob);
     const acc_t* sample_loss = prob.sample_loss.const_data_ptr<acc_t>();
-    acc_t total = 0;
+    acc_t total = 0;  // in a fixed order: the same loss for any number of threads
     for (int64_t s = 0; s < prob.sample_loss.numel(); ++s) total += sample_loss[s];
     loss = at::empty({}, prob.sample_loss.options());
     *loss.mutable_data_ptr<acc_t>() = total;

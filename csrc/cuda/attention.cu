@@ -273,6 +273,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* rs = static_cast<acc_t*>(q.rs) + b * X;
   const acc_t* rt = static_cast<const acc_t*>(q.rt) + b * X;
   acc_t ss_s = 0, ss_t = 0;
+#pragma unroll 4
   for (int64_t x = threadIdx.x; x < X; x += kThreads) {
     ss_s += rs[x] * rs[x];
     ss_t += rt[x] * rt[x];
@@ -280,6 +281,7 @@ __global__ void __launch_bounds__(kThreads)
   block_sum2(ss_s, ss_t);
   const auto nrm = attention_sample_norms(ss_s, ss_t);
   acc_t sum_d2 = 0, dot = 0;
+#pragma unroll 4
   for (int64_t x = threadIdx.x; x < X; x += kThreads) {
     const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
     sum_d2 += d * d;
@@ -288,6 +290,7 @@ __global__ void __launch_bounds__(kThreads)
   block_sum2(sum_d2, dot);
   const acc_t n_elem = static_cast<acc_t>(q.B) * static_cast<acc_t>(X);
   const auto coef = attention_map_coefs(nrm, dot, acc_t(2) / n_elem);
+#pragma unroll 4
   for (int64_t x = threadIdx.x; x < X; x += kThreads) {
     const acc_t a_s = rs[x] * nrm.inv_s, d = a_s - rt[x] * nrm.inv_t;
     rs[x] = coef.coef_d * d + coef.coef_a * a_s;
