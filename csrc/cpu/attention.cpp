@@ -120,6 +120,35 @@ Layout pick_layout(const FeatureView& a, const FeatureView& b) {
   return x_ok ? Layout::Positions : Layout::Strided;
 }
 
+// Runs run(k, i) for items i < items[k] of every task k on at::parallel_for's threads,
+// splitting by cost (cost[k] per item of task k, e.g. elements read), not by count: layer
+// pairs of different sizes would otherwise leave most of the work to one thread.
+template <typename Run>
+void parallel_items(const std::vector<int64_t>& items, const std::vector<int64_t>& cost, const Run& run) {
+  const size_t n = items.size();
+  std::vector<int64_t> begin(n + 1, 0), cost_begin(n + 1, 0);
+  for (size_t k = 0; k < n; ++k) {
+    begin[k + 1] = begin[k] + items[k];
+    cost_begin[k + 1] = cost_begin[k] + items[k] * cost[k];
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(begin[n], 4 * at::get_num_threads()));
+  const auto first_item = [&](int64_t part) -> int64_t {  // of each part: equal shares of cost
+    if (part >= parts) return begin[n];
+    const int64_t target = static_cast<int64_t>(static_cast<double>(cost_begin[n]) * part / parts);
+    const size_t k = std::upper_bound(cost_begin.begin(), cost_begin.end() - 1, target) - cost_begin.begin() - 1;
+    return begin[k] + std::min(items[k], (target - cost_begin[k] + cost[k] - 1) / std::max<int64_t>(cost[k], 1));
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t end = first_item(hi);
+    int64_t i = first_item(lo);
+    size_t k = std::upper_bound(begin.begin(), begin.end(), i) - begin.begin() - 1;
+    for (; i < end; ++i) {
+      while (i >= begin[k + 1]) ++k;
+      run(k, i - begin[k]);
+    }
+  });
+}
+
 // ---- forward, step 1: channel means ---------------------------------------------------
 
 // One map's share of the work: items are (sample, run of `chunk` positions).
@@ -217,14 +246,13 @@ int64_t position_chunk(const FeatureView& v, Layout layout, int64_t vec, int64_t
 
 template <typename scalar_t, AttentionPower P>
 void channel_means(const std::vector<MeanTask>& tasks, double p) {
-  std::vector<int64_t> begin(tasks.size() + 1, 0);
-  for (size_t k = 0; k < tasks.size(); ++k) begin[k + 1] = begin[k] + tasks[k].items;
-  at::parallel_for(0, begin.back(), 1, [&](int64_t lo, int64_t hi) {
-    size_t k = std::upper_bound(begin.begin(), begin.end(), lo) - begin.begin() - 1;
-    for (int64_t i = lo; i < hi; ++i) {
-      while (i >= begin[k + 1]) ++k;
-      channel_mean_item<scalar_t, P>(tasks[k], i - begin[k], static_cast<at::opmath_type<scalar_t>>(p));
-    }
+  std::vector<int64_t> items, cost;
+  for (const MeanTask& t : tasks) {
+    items.push_back(t.items);
+    cost.push_back(t.v.C * t.chunk);
+  }
+  parallel_items(items, cost, [&](size_t k, int64_t i) {
+    channel_mean_item<scalar_t, P>(tasks[k], i, static_cast<at::opmath_type<scalar_t>>(p));
   });
 }
 
@@ -262,9 +290,7 @@ void attention_forward(AttentionForwardProblem& prob) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t K = Vectorized<acc_t>::size();
   const size_t pairs = prob.f_s.size();
-  std::vector<int64_t> pair_of;  // sample (of all pairs) -> pair
-  for (size_t i = 0; i < pairs; ++i) pair_of.insert(pair_of.end(), prob.v_s[i].B, i);
-  const int64_t samples = static_cast<int64_t>(pair_of.size());
+  const int64_t samples = prob.sample_loss.numel();
   const acc_t p = static_cast<acc_t>(prob.p);
   auto mean_task = [&](const at::Tensor& f, const FeatureView& v, const at::Tensor& out, int64_t chunk) {
     MeanTask t{f.const_data_ptr(), v, out.mutable_data_ptr(), pick_layout<acc_t>(v, v), chunk, 0};
@@ -279,14 +305,15 @@ void attention_forward(AttentionForwardProblem& prob) {
       tasks.push_back(mean_task(prob.f_s[i], prob.v_s[i], prob.maps[i], prob.v_s[i].X));
       tasks.push_back(mean_task(prob.f_t[i], prob.v_t[i], prob.teacher_means[i], prob.v_t[i].X));
     }
-    at::parallel_for(0, samples, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t s = lo; s < hi; ++s) {
-        const size_t i = pair_of[s];
-        const int64_t b = s - prob.sample_begin[i];
-        channel_mean_item<scalar_t, P>(tasks[2 * i], b, p);
-        channel_mean_item<scalar_t, P>(tasks[2 * i + 1], b, p);
-        finish_sample<acc_t>(prob, i, b);
-      }
+    std::vector<int64_t> items, cost;
+    for (size_t i = 0; i < pairs; ++i) {
+      items.push_back(prob.v_s[i].B);
+      cost.push_back((prob.v_s[i].C + prob.v_t[i].C) * prob.v_s[i].X);
+    }
+    parallel_items(items, cost, [&](size_t i, int64_t b) {
+      channel_mean_item<scalar_t, P>(tasks[2 * i], b, p);
+      channel_mean_item<scalar_t, P>(tasks[2 * i + 1], b, p);
+      finish_sample<acc_t>(prob, i, b);
     });
     return;
   }
@@ -302,9 +329,12 @@ void attention_forward(AttentionForwardProblem& prob) {
     }
   }
   channel_means<scalar_t, P>(tasks, prob.p);
-  at::parallel_for(0, samples, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t s = lo; s < hi; ++s) finish_sample<acc_t>(prob, pair_of[s], s - prob.sample_begin[pair_of[s]]);
-  });
+  std::vector<int64_t> items, cost;
+  for (size_t i = 0; i < pairs; ++i) {
+    items.push_back(prob.v_s[i].B);
+    cost.push_back(prob.v_s[i].X);
+  }
+  parallel_items(items, cost, [&](size_t i, int64_t b) { finish_sample<acc_t>(prob, i, b); });
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
@@ -392,15 +422,14 @@ void grad_item(const GradTask& t, int64_t item, at::opmath_type<scalar_t> coef,
 
 template <typename scalar_t, AttentionPower P>
 void attention_grads(const std::vector<GradTask>& tasks, const std::vector<double>& coefs, double p) {
-  std::vector<int64_t> begin(tasks.size() + 1, 0);
-  for (size_t k = 0; k < tasks.size(); ++k) begin[k + 1] = begin[k] + tasks[k].items;
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, begin.back(), 1, [&](int64_t lo, int64_t hi) {
-    size_t k = std::upper_bound(begin.begin(), begin.end(), lo) - begin.begin() - 1;
-    for (int64_t i = lo; i < hi; ++i) {
-      while (i >= begin[k + 1]) ++k;
-      grad_item<scalar_t, P>(tasks[k], i - begin[k], static_cast<acc_t>(coefs[k]), static_cast<acc_t>(p - 1));
-    }
+  std::vector<int64_t> items, cost;
+  for (const GradTask& t : tasks) {
+    items.push_back(t.items);
+    cost.push_back(t.chunk * (t.layout == Layout::Channels ? t.vf.C : t.vf.X));
+  }
+  parallel_items(items, cost, [&](size_t k, int64_t i) {
+    grad_item<scalar_t, P>(tasks[k], i, static_cast<acc_t>(coefs[k]), static_cast<acc_t>(p - 1));
   });
 }
 
