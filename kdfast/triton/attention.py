@@ -43,7 +43,7 @@ def _power(f, e_hi, e_lo, SMALL_INT: tl.constexpr, E_INT: tl.constexpr, E_IS_INT
             return tl.where(f < 0.0, float("nan"), mag)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "X", "X2"])
 def _channel_mean_kernel(
     f_ptr, out_ptr, C, X, X2, s_b, s_c, s_x1, s_x2, p_hi, p_lo,
     SPLIT_X: tl.constexpr, SMALL_INT: tl.constexpr, E_INT: tl.constexpr, E_IS_INT: tl.constexpr,
@@ -68,7 +68,7 @@ def _channel_mean_kernel(
     tl.store(out_ptr + b * X + xs64, r, mask=x_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "X"])
 def _finish_kernel(rs_ptr, rt_ptr, loss_ptr, B, X, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """One sample: w = dL/dr_s written over r_s, and the sample's share of the loss."""
     b = tl.program_id(0).to(tl.int64)
@@ -107,7 +107,7 @@ def _finish_kernel(rs_ptr, rt_ptr, loss_ptr, B, X, ACC: tl.constexpr, BLOCK: tl.
     tl.store(loss_ptr + b, tl.sum(sum_d2, axis=0) / n_elem)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "X", "f_X2", "g_X2"])
 def _grad_kernel(
     f_ptr, g_ptr, w_ptr, go_ptr, C, X, f_X2, g_X2,
     f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, p_hi, p_lo, pm1_hi, pm1_lo,
@@ -178,12 +178,13 @@ def _viewable(f: torch.Tensor):
     return f, v
 
 
-def _blocks(v, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_X, num_warps): tiles long along the contiguous dim."""
+def _blocks(v) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_X, num_warps): tiles long along the contiguous dim. Fixed per layout
+    (masks cover small maps), so that few kernel variants get compiled."""
     B, C, X, X2, s_b, s_c, s_x1, s_x2 = v
     if s_c == 1 and not (X2 == X and s_x2 == 1 and X >= 64):  # channels contiguous
-        return min(triton.next_power_of_2(C), 128), min(triton.next_power_of_2(X), 16), 4
-    return min(triton.next_power_of_2(C), 16), min(triton.next_power_of_2(X), 256), 4
+        return 64, 32, 4
+    return 16, 256, 4
 
 
 def _acc(dtype):
@@ -194,7 +195,7 @@ def _channel_means(f: torch.Tensor, p: float) -> torch.Tensor:
     f, v = _viewable(f)
     B, C, X, X2, s_b, s_c, s_x1, s_x2 = v
     out = torch.empty(B, X, dtype=acc_dtype(f.dtype), device=f.device)
-    block_c, block_x, warps = _blocks(v, f.element_size())
+    block_c, block_x, warps = _blocks(v)
     _channel_mean_kernel[(triton.cdiv(X, block_x), B)](
         f, out, C, X, X2, s_b, s_c, s_x1, s_x2, *_fp32_halves(p),
         SPLIT_X=X2 != X, **_power_flags(p), ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x,
@@ -209,7 +210,7 @@ def attention_transfer_forward_triton(f_s: list[torch.Tensor], f_t: list[torch.T
         rs, rt = _channel_means(fs, p), _channel_means(ft, p)
         B, X = rs.shape
         sample_loss = torch.empty(B, dtype=rs.dtype, device=rs.device)
-        block = min(triton.next_power_of_2(X), 1024)
+        block = 256 if X <= 256 else 1024
         _finish_kernel[(B,)](rs, rt, sample_loss, B, X, ACC=_acc(fs.dtype), BLOCK=block,
                              num_warps=4 if block <= 512 else 8)
         maps.append(rs)
@@ -228,7 +229,7 @@ def attention_transfer_backward_triton(grad_loss: torch.Tensor, f_s: list[torch.
         f, v = _viewable(f)
         B, C, X, f_X2, f_sb, f_sc, f_sx1, f_sx2 = v
         _, _, _, g_X2, g_sb, g_sc, g_sx1, g_sx2 = vg
-        block_c, block_x, warps = _blocks(v, f.element_size())
+        block_c, block_x, warps = _blocks(v)
         grid = (triton.cdiv(X, block_x) * triton.cdiv(C, block_c), B)
         _grad_kernel[grid](
             f, out, w.contiguous(), go, C, X, f_X2, g_X2,
