@@ -79,9 +79,9 @@ def run(backend, f_s, f_t, grad_out, **kw):
     return loss.detach(), [f.grad for f in f_s]
 
 
-def check(backend, f_s, f_t, dtype, p=2.0, tol=None, **kw):
+def check(backend, f_s, f_t, dtype, p=2.0, tol=None, grad_scale=1.0, **kw):
     device = f_s[0].device
-    grad_out = torch.tensor(1.7, device=device)  # not 1: backward scales by it
+    grad_out = torch.tensor(1.7 * grad_scale, device=device)  # not 1: backward scales by it
     loss, grads = run(backend, f_s, f_t, grad_out, p=p, **kw)
     ref_loss, ref_grads = reference(f_s, f_t, grad_out, p=p, pool=kw.get("pool", False))
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -293,3 +293,23 @@ def test_no_grad_and_student_without_grad():
 def test_bad_input_gets_a_clear_error(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("spatial", [(64, 64), (63, 65)], ids=str)
+def test_large_gradients_on_the_cpu(dtype, layout, spatial):
+    """Gradients larger than the L2 caches are written with non-temporal stores (one
+    thread: above 2 MB), aligned or not."""
+    if kdfast._backend.PLATFORM_REASONS["cpu"] is not None:
+        pytest.skip(kdfast._backend.PLATFORM_REASONS["cpu"])
+    channels = 3 * 2 ** 20 // (8 * spatial[0] * spatial[1]) * 8 // (torch.finfo(dtype).bits // 8)
+    f_s = make((2, channels) + spatial, dtype, "cpu", layout, seed=37)
+    f_t = make((2, 7) + spatial, dtype, "cpu", seed=38)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # scaled as AMP scales losses: float16 gradients of such large maps would underflow
+        check("cpu", [f_s], [f_t], dtype, grad_scale=2.0 ** 16)
+    finally:
+        torch.set_num_threads(threads)

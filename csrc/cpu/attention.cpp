@@ -6,7 +6,8 @@
 //      over r_s. The loss is the sum of per-sample losses in a fixed order (deterministic).
 //   With enough samples a worker does both steps for whole samples (one parallel region);
 //   with few, step 1 also splits the positions and step 2 follows in a second region.
-// Backward: grad = (grad_loss p / C) w[b, x] f^(p-1), one read of f_s, one write of grad.
+// Backward: grad = (grad_loss p / C) w[b, x] f^(p-1), one read of f_s, one write of grad
+// (non-temporal when the gradients outgrow the L2 caches).
 // Three layouts, chosen per map: positions contiguous (NCHW: vectors run along x, a
 // sample's channel rows are added into a row of accumulators in L1), channels contiguous
 // (channels_last: vectors run along c, one horizontal sum per position), and any other
@@ -21,6 +22,10 @@
 
 #include <algorithm>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "attention.h"
 
@@ -49,7 +54,31 @@ struct Lanes {
       at::vec::convert<scalar_t>(v).store(p, n);
     }
   }
+  // A whole vector, with a non-temporal store where p is aligned (x86): no read of the
+  // destination's cache lines before writing them. Callers end with stream_fence().
+  static void store_stream(scalar_t* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const auto address = reinterpret_cast<uintptr_t>(p);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (address % 32 == 0) return _mm256_stream_ps(p, v);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      if (address % 32 == 0) return _mm256_stream_pd(p, v);
+    } else {
+      if (address % 16 == 0) {  // the low 8 of the 16 converted lanes hold v
+        const __m256i packed = at::vec::convert<scalar_t>(v);
+        return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+      }
+    }
+#endif
+    store(p, v);
+  }
 };
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 template <typename acc_t>
 acc_t reduce_sum(const Vectorized<acc_t>& v) {
@@ -366,6 +395,7 @@ struct GradTask {
   FeatureView vf, vg;
   Layout layout;
   int64_t chunk, items;  // items: (sample, run of `chunk` channels or positions)
+  bool stream;           // non-temporal stores of the gradient
 };
 
 template <typename scalar_t, AttentionPower P>
@@ -390,7 +420,11 @@ void grad_item(const GradTask& t, int64_t item, at::opmath_type<scalar_t> coef,
       const scalar_t* fr = f + vf.offset(b, 0, x);
       scalar_t* gr = grad + vg.offset(b, 0, x);
       const Vec k(w[x] * coef);
-      for (int64_t c = 0; c < vf.C; c += K) {
+      int64_t c = 0;
+      if (t.stream) {
+        for (; c + K <= vf.C; c += K) L::store_stream(gr + c, k * power_grad<P>(L::load(fr + c), vpm1));
+      }
+      for (; c < vf.C; c += K) {
         const int64_t n = std::min(K, vf.C - c);
         L::store(gr + c, k * power_grad<P>(L::load(fr + c, n), vpm1), n);
       }
@@ -411,8 +445,14 @@ void grad_item(const GradTask& t, int64_t item, at::opmath_type<scalar_t> coef,
     const scalar_t* fr = f + b * vf.sb + c * vf.sc;
     scalar_t* gr = grad + b * vg.sb + c * vg.sc;
     int64_t x = 0;
-    for (; x + K <= vf.X; x += K) {
-      L::store(gr + x, Vec::loadu(wk + x) * power_grad<P>(L::load(fr + x), vpm1));
+    if (t.stream) {
+      for (; x + K <= vf.X; x += K) {
+        L::store_stream(gr + x, Vec::loadu(wk + x) * power_grad<P>(L::load(fr + x), vpm1));
+      }
+    } else {
+      for (; x + K <= vf.X; x += K) {
+        L::store(gr + x, Vec::loadu(wk + x) * power_grad<P>(L::load(fr + x), vpm1));
+      }
     }
     if (const int64_t n = vf.X - x; n > 0) {
       L::store(gr + x, Vec::loadu(wk + x, n) * power_grad<P>(L::load(fr + x, n), vpm1), n);
@@ -430,6 +470,7 @@ void attention_grads(const std::vector<GradTask>& tasks, const std::vector<doubl
   }
   parallel_items(items, cost, [&](size_t k, int64_t i) {
     grad_item<scalar_t, P>(tasks[k], i, static_cast<acc_t>(coefs[k]), static_cast<acc_t>(p - 1));
+    if (tasks[k].stream) stream_fence();
   });
 }
 
@@ -442,10 +483,16 @@ std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_l
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<GradTask> tasks;
     std::vector<double> coefs;
+    // Gradients larger than the threads' L2 caches together are written with non-temporal
+    // stores: no read of each destination line before it is written (a third of the
+    // backward's traffic), and the caches keep what they held (e.g. the next maps).
+    int64_t grad_bytes = 0;
+    for (const at::Tensor& g : prob.out) grad_bytes += g.nbytes();
+    const bool stream = grad_bytes > at::get_num_threads() * (int64_t(2) << 20);
     for (size_t i = 0; i < prob.f_s.size(); ++i) {
       const FeatureView &vf = prob.v_f[i], &vg = prob.v_g[i];
       GradTask t{prob.f_s[i].const_data_ptr(), prob.out[i].mutable_data_ptr(), prob.maps[i].const_data_ptr(),
-                 vf, vg, pick_layout<acc_t>(vf, vg), 1, 0};
+                 vf, vg, pick_layout<acc_t>(vf, vg), 1, 0, stream};
       if (t.layout == Layout::Channels) {
         t.chunk = std::max<int64_t>(1, std::min(vf.X, 32768 / vf.C));
         t.items = vf.B * ((vf.X + t.chunk - 1) / t.chunk);
