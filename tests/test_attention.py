@@ -12,7 +12,7 @@ from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, kernel_bac
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [  # (batch, student channels, teacher channels, spatial)
     (2, 3, 5, (7, 7)),
-    (3, 4, 6, (3, 5)),
+    (3, 21, 6, (3, 5)),
     (2, 16, 8, (4, 4)),
     (2, 5, 3, (2, 3, 4)),
     (3, 6, 2, (9,)),
