@@ -22,32 +22,32 @@ _EPS = tl.constexpr(1e-12)  # F.normalize's default (made in ACC: an fp32 litera
 
 
 @triton.jit
-def _power(f, e_hi, e_lo, SMALL_INT: tl.constexpr, E_INT: tl.constexpr, E_IS_INT: tl.constexpr,
-           E_ODD: tl.constexpr):
+def _power(f, e_hi, e_lo, e_int, e_odd, MODE: tl.constexpr):
     """f ** e with torch.pow's semantics (negative f: real for integer e, NaN otherwise).
 
-    Small integer exponents multiply (exact, and fast); others go through exp2/log2."""
-    if SMALL_INT:
-        out = tl.full(f.shape, 1.0, f.dtype)
-        for _ in tl.static_range(E_INT):
-            out = out * f
-        return out
+    MODE 1: e == 1, MODE 2: e == 2 (the default p and its gradient); MODE 0: any e, by
+    repeated multiplication when e is an integer up to 64 (e_int >= 0; exact and fast),
+    else through exp2/log2 (e_int == -1 for non-integers, -2 for larger integers)."""
+    if MODE == 1:
+        return f
+    elif MODE == 2:
+        return f * f
     else:
+        by_product = tl.full(f.shape, 1.0, f.dtype)
+        for _ in range(e_int):  # (no iteration for e_int < 0)
+            by_product = by_product * f
         e = tl.cast(e_hi, f.dtype) + tl.cast(e_lo, f.dtype)
         mag = tl.exp2(e * tl.log2(tl.abs(f)))
-        if E_IS_INT:
-            if E_ODD:
-                mag = tl.where(f < 0.0, -mag, mag)
-            return mag
-        else:
-            return tl.where(f < 0.0, float("nan"), mag)
+        signed = tl.where((f < 0.0) & (e_odd != 0), -mag, mag)
+        real = tl.where((f < 0.0) & (e_int == -1), float("nan"), signed)  # -1: not an integer
+        return tl.where(e_int >= 0, by_product, real)
 
 
-@triton.jit(do_not_specialize=["C", "X", "X2"])
+@triton.jit(do_not_specialize=["C", "X", "X2", "s_x1", "p_int", "p_odd"])
 def _channel_mean_kernel(
-    f_ptr, out_ptr, C, X, X2, s_b, s_c, s_x1, s_x2, p_hi, p_lo,
-    SPLIT_X: tl.constexpr, SMALL_INT: tl.constexpr, E_INT: tl.constexpr, E_IS_INT: tl.constexpr,
-    E_ODD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
+    f_ptr, out_ptr, C, X, X2, s_b, s_c, s_x1, s_x2, p_hi, p_lo, p_int, p_odd,
+    SPLIT_X: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_X: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     xs = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -63,7 +63,7 @@ def _channel_mean_kernel(
         cs = c0 + tl.arange(0, BLOCK_C)
         mask = (cs < C)[:, None] & x_ok[None, :]
         f = tl.load(base + cs.to(tl.int64)[:, None] * s_c + x_off[None, :], mask=mask, other=0.0).to(ACC)
-        acc += _power(f, p_hi, p_lo, SMALL_INT, E_INT, E_IS_INT, E_ODD)  # 0 ** p = 0: masked lanes add 0
+        acc += _power(f, p_hi, p_lo, p_int, p_odd, MODE)  # 0 ** p = 0: masked lanes add 0
     r = tl.sum(acc, axis=0) / tl.cast(C, ACC)
     tl.store(out_ptr + b * X + xs64, r, mask=x_ok)
 
@@ -107,12 +107,12 @@ def _finish_kernel(rs_ptr, rt_ptr, loss_ptr, B, X, ACC: tl.constexpr, BLOCK: tl.
     tl.store(loss_ptr + b, tl.sum(sum_d2, axis=0) / n_elem)
 
 
-@triton.jit(do_not_specialize=["C", "X", "f_X2", "g_X2"])
+@triton.jit(do_not_specialize=["C", "X", "f_X2", "g_X2", "f_sx1", "g_sx1", "pm1_int", "pm1_odd"])
 def _grad_kernel(
     f_ptr, g_ptr, w_ptr, go_ptr, C, X, f_X2, g_X2,
-    f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, p_hi, p_lo, pm1_hi, pm1_lo,
-    SPLIT_X: tl.constexpr, SMALL_INT: tl.constexpr, E_INT: tl.constexpr, E_IS_INT: tl.constexpr,
-    E_ODD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr,
+    f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, p_hi, p_lo, pm1_hi, pm1_lo, pm1_int, pm1_odd,
+    SPLIT_X: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_X: tl.constexpr,
 ):
     x_blocks = tl.cdiv(X, BLOCK_X)
     pid = tl.program_id(0)
@@ -133,7 +133,7 @@ def _grad_kernel(
     k = tl.load(go_ptr).to(ACC) * p / tl.cast(C, ACC)
     w = tl.load(w_ptr + b * X + xs64, mask=x_ok, other=0.0) * k
     f = tl.load(f_ptr + b * f_sb + cs64[:, None] * f_sc + fx[None, :], mask=mask, other=0.0).to(ACC)
-    grad = w[None, :] * _power(f, pm1_hi, pm1_lo, SMALL_INT, E_INT, E_IS_INT, E_ODD)
+    grad = w[None, :] * _power(f, pm1_hi, pm1_lo, pm1_int, pm1_odd, MODE)
     tl.store(g_ptr + b * g_sb + cs64[:, None] * g_sc + gx[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -143,12 +143,15 @@ def _fp32_halves(x: float) -> tuple[float, float]:
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
-def _power_flags(e: float) -> dict:
-    """Constexpr flags of _power for the exponent e (>= 0)."""
-    is_int = float(e).is_integer()
-    small = is_int and 0 <= e <= 8
-    return dict(SMALL_INT=small, E_INT=int(e) if small else 0, E_IS_INT=is_int,
-                E_ODD=is_int and int(e) % 2 == 1)
+def _power_args(e: float) -> tuple[float, float, int, int, int]:
+    """(e_hi, e_lo, e_int, e_odd, MODE) for _power."""
+    mode = 1 if e == 1 else 2 if e == 2 else 0
+    if float(e).is_integer():
+        e_int = int(e) if 0 <= e <= 64 else -2
+        odd = int(e) % 2
+    else:
+        e_int, odd = -1, 0
+    return (*_fp32_halves(e), e_int, odd, mode)
 
 
 def feature_view(f: torch.Tensor):
@@ -196,10 +199,10 @@ def _channel_means(f: torch.Tensor, p: float) -> torch.Tensor:
     B, C, X, X2, s_b, s_c, s_x1, s_x2 = v
     out = torch.empty(B, X, dtype=acc_dtype(f.dtype), device=f.device)
     block_c, block_x, warps = _blocks(v)
+    *p_args, mode = _power_args(p)
     _channel_mean_kernel[(triton.cdiv(X, block_x), B)](
-        f, out, C, X, X2, s_b, s_c, s_x1, s_x2, *_fp32_halves(p),
-        SPLIT_X=X2 != X, **_power_flags(p), ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x,
-        num_warps=warps)
+        f, out, C, X, X2, s_b, s_c, s_x1, s_x2, *p_args,
+        SPLIT_X=X2 != X, MODE=mode, ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x, num_warps=warps)
     return out
 
 
@@ -231,10 +234,11 @@ def attention_transfer_backward_triton(grad_loss: torch.Tensor, f_s: list[torch.
         _, _, _, g_X2, g_sb, g_sc, g_sx1, g_sx2 = vg
         block_c, block_x, warps = _blocks(v)
         grid = (triton.cdiv(X, block_x) * triton.cdiv(C, block_c), B)
+        *pm1_args, mode = _power_args(p - 1)
         _grad_kernel[grid](
             f, out, w.contiguous(), go, C, X, f_X2, g_X2,
-            f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, *_fp32_halves(p), *_fp32_halves(p - 1),
-            SPLIT_X=f_X2 != X or g_X2 != X, **_power_flags(p - 1), ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x,
+            f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, *_fp32_halves(p), *pm1_args,
+            SPLIT_X=f_X2 != X or g_X2 != X, MODE=mode, ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x,
             num_warps=warps)
         if out is not grad:
             grad.copy_(out)
