@@ -75,7 +75,7 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
                            normalize=bool(normalize), op=op)
 
 
-def _attention_pair(name_s, f_s, name_t, f_t, p, pool, op):
+def _attention_pair(name_s, f_s, name_t, f_t, pool, op):
     """One validated (and, with pool, size-matched) layer pair."""
     checks.check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
     for name, f in ((name_s, f_s), (name_t, f_t)):
@@ -128,7 +128,7 @@ def attention_transfer(f_s, f_t, p: float = 2, pool: bool = False) -> torch.Tens
 def _attention_transfer_layers(pairs, p: float, pool: bool, op: str) -> torch.Tensor:
     """attention_transfer over named pairs ``(name_s, f_s, name_t, f_t)`` (names for errors)."""
     p = _check_power(p, op)
-    matched = [_attention_pair(ns, s, nt, t, p, pool, op) for ns, s, nt, t in pairs]
+    matched = [_attention_pair(ns, s, nt, t, pool, op) for ns, s, nt, t in pairs]
     return _attention.attention_transfer_pairs(matched, p, op)
 
 
