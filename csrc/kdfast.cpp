@@ -42,6 +42,8 @@ TORCH_LIBRARY(kdfast_C, m) {
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
       "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // grad *= grad_output (a scalar on the device), skipped on the device when it is 1.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 
 // `import kdfast._C` loads this library, which registers the operators above.
