@@ -18,7 +18,13 @@ std::string cuda_build_info();  // csrc/cuda/build_info.cu
 // "key=value" lines, parsed by kdfast/_extension.py.
 std::string build_info() {
   std::string info = "torch=" TORCH_VERSION "\n";
-  info += "compiler=" __VERSION__ "\n";
+#if defined(__clang__)
+  info += "compiler=clang " __clang_version__ "\n";
+#elif defined(__GNUC__)
+  info += "compiler=gcc " __VERSION__ "\n";
+#else
+  info += "compiler=unknown\n";
+#endif
 #if defined(CPU_CAPABILITY_AVX2)
   info += "cpu_capability=AVX2\n";
 #else
