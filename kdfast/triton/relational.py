@@ -79,24 +79,17 @@ def _rkd_distance_rows(D2S, D2T, MU, LOSS_ROWS, K_ROWS, B, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _angle_tile(GS, GT, US, UT, BS, BT, j_ptrs, k, i, i_ok, j_ok, k_ok, B):
-    """c and a^s over a [I, J, K] block of triplets (i, j, k), zeros outside the matrix."""
-    ij = i[:, None] * B + j_ptrs[None, :]
-    ij_ok = i_ok[:, None] & j_ok[None, :]
-    ik = i[:, None] * B + k[None, :]
-    ik_ok = i_ok[:, None] & k_ok[None, :]
-    jk = j_ptrs[:, None] * B + k[None, :]
-    jk_ok = j_ok[:, None] & k_ok[None, :]
-    us_ij = tl.load(US + ij, mask=ij_ok, other=0.0)
-    ut_ij = tl.load(UT + ij, mask=ij_ok, other=0.0)
-    us_ik = tl.load(US + ik, mask=ik_ok, other=0.0)
-    ut_ik = tl.load(UT + ik, mask=ik_ok, other=0.0)
-    a_s = us_ik[:, None, :] * (us_ij[:, :, None] * (tl.load(GS + jk, mask=jk_ok, other=0.0)[None, :, :]
-                                                    - tl.load(GS + ik, mask=ik_ok, other=0.0)[:, None, :])
-                               + tl.load(BS + ij, mask=ij_ok, other=0.0)[:, :, None])
-    a_t = ut_ik[:, None, :] * (ut_ij[:, :, None] * (tl.load(GT + jk, mask=jk_ok, other=0.0)[None, :, :]
-                                                    - tl.load(GT + ik, mask=ik_ok, other=0.0)[:, None, :])
-                               + tl.load(BT + ij, mask=ij_ok, other=0.0)[:, :, None])
+def _load_tile(M, rows, cols, rows_ok, cols_ok, B):
+    """M[rows][cols] of a B x B matrix, zeros outside it."""
+    return tl.load(M + rows[:, None] * B + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _angle_cube(gs_jk, gt_jk, gs_ik, us_ik, gt_ik, ut_ik, us_ij, bs_ij, ut_ij, bt_ij):
+    """x = a^s - a^t, c = smooth_l1'(x), a^s and q = c u_ij u_ik over a [I, J, K] block of
+    triplets, from tiles of (j, k), (i, k) and (i, j) values (zeros outside the matrix)."""
+    a_s = us_ik[:, None, :] * (us_ij[:, :, None] * (gs_jk[None, :, :] - gs_ik[:, None, :]) + bs_ij[:, :, None])
+    a_t = ut_ik[:, None, :] * (ut_ij[:, :, None] * (gt_jk[None, :, :] - gt_ik[:, None, :]) + bt_ij[:, :, None])
     x = a_s - a_t
     c = _smooth_l1_grad(x)
     q = c * us_ij[:, :, None] * us_ik[:, None, :]
@@ -113,13 +106,20 @@ def _rkd_angle_rows(GS, GT, US, UT, BS, BT, R, T, LOSS_PARTS, B,
     j = pid_j.to(tl.int64) * BJ + tl.arange(0, BJ)
     i_ok = i < B
     j_ok = j < B
-    first = tl.load(GS)
-    r_acc = tl.zeros([BI, BJ], first.dtype)
-    t_acc = tl.zeros([BI, BJ], first.dtype)
-    loss = tl.zeros([BI, BJ], first.dtype)
+    us_ij = _load_tile(US, i, j, i_ok, j_ok, B)
+    ut_ij = _load_tile(UT, i, j, i_ok, j_ok, B)
+    bs_ij = _load_tile(BS, i, j, i_ok, j_ok, B)
+    bt_ij = _load_tile(BT, i, j, i_ok, j_ok, B)
+    r_acc = tl.zeros([BI, BJ], us_ij.dtype)
+    t_acc = tl.zeros([BI, BJ], us_ij.dtype)
+    loss = tl.zeros([BI, BJ], us_ij.dtype)
     for k0 in range(0, B, BK):
         k = k0 + tl.arange(0, BK)
-        x, c, a_s, q = _angle_tile(GS, GT, US, UT, BS, BT, j, k, i, i_ok, j_ok, k < B, B)
+        k_ok = k < B
+        x, c, a_s, q = _angle_cube(_load_tile(GS, j, k, j_ok, k_ok, B), _load_tile(GT, j, k, j_ok, k_ok, B),
+                                   _load_tile(GS, i, k, i_ok, k_ok, B), _load_tile(US, i, k, i_ok, k_ok, B),
+                                   _load_tile(GT, i, k, i_ok, k_ok, B), _load_tile(UT, i, k, i_ok, k_ok, B),
+                                   us_ij, bs_ij, ut_ij, bt_ij)
         r_acc += tl.sum(q, 2)
         t_acc += tl.sum(c * a_s, 2)
         loss += tl.sum(c * (x - 0.5 * c), 2)
@@ -137,11 +137,17 @@ def _rkd_angle_cols(GS, GT, US, UT, BS, BT, P, B, BI: tl.constexpr, BJ: tl.const
     k = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     j_ok = j < B
     k_ok = k < B
-    first = tl.load(GS)
-    p_acc = tl.zeros([BJ, BK], first.dtype)
+    gs_jk = _load_tile(GS, j, k, j_ok, k_ok, B)
+    gt_jk = _load_tile(GT, j, k, j_ok, k_ok, B)
+    p_acc = tl.zeros([BJ, BK], gs_jk.dtype)
     for i0 in range(0, B, BI):
         i = i0 + tl.arange(0, BI)
-        x, c, a_s, q = _angle_tile(GS, GT, US, UT, BS, BT, j, k, i, i < B, j_ok, k_ok, B)
+        i_ok = i < B
+        x, c, a_s, q = _angle_cube(gs_jk, gt_jk,
+                                   _load_tile(GS, i, k, i_ok, k_ok, B), _load_tile(US, i, k, i_ok, k_ok, B),
+                                   _load_tile(GT, i, k, i_ok, k_ok, B), _load_tile(UT, i, k, i_ok, k_ok, B),
+                                   _load_tile(US, i, j, i_ok, j_ok, B), _load_tile(BS, i, j, i_ok, j_ok, B),
+                                   _load_tile(UT, i, j, i_ok, j_ok, B), _load_tile(BT, i, j, i_ok, j_ok, B))
         p_acc += tl.sum(q, 0)
     tl.store(P + j[:, None] * B + k[None, :], p_acc, mask=j_ok[:, None] & k_ok[None, :])
 
