@@ -180,12 +180,12 @@ KDFAST_HD acc_t normalize_denominator(acc_t norm) {
   return norm < acc_t(kNormalizeEps) ? acc_t(kNormalizeEps) : norm;
 }
 
-// Similarity's dL/dG_ij (times B^2 / 2 folded into gamma by the caller): row i's values.
+// Similarity's dL/dG_ij from row i's values: gamma_ij, the normalised entry g_ij, sigma_i,
+// the row's p-norm and 1 / max(norm, 1e-12) (inside normalize's clamp the norm is constant).
 template <typename acc_t>
-KDFAST_HD acc_t similarity_grad(acc_t gamma_ij, acc_t g_hat_ij, acc_t sigma_i, acc_t norm_i,
+KDFAST_HD acc_t similarity_grad(acc_t gamma_ij, acc_t g_hat_ij, acc_t sigma_i, acc_t norm_i, acc_t inv_den_i,
                                 acc_t p) {
-  if (norm_i < acc_t(kNormalizeEps)) return gamma_ij / acc_t(kNormalizeEps);
-  return (gamma_ij - sigma_i * signed_pow_grad(g_hat_ij, p)) / norm_i;
+  return (norm_i < acc_t(kNormalizeEps) ? gamma_ij : gamma_ij - sigma_i * signed_pow_grad(g_hat_ij, p)) * inv_den_i;
 }
 
 }  // namespace kdfast

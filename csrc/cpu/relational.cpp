@@ -40,8 +40,9 @@ acc_t lane_sum(const Vectorized<acc_t>& v) {
   return sum;
 }
 
-// Rows per task for B x B passes: about 16k elements each.
-int64_t row_grain(int64_t B) { return std::max<int64_t>(1, 16384 / B); }
+// Rows per task: 64k elements or more each (a B x B pass at B = 128 is ~20 us of work:
+// threads would only cost their start and the wait for a busy core).
+int64_t row_grain(int64_t B) { return std::max<int64_t>(1, 65536 / B); }
 
 template <typename acc_t>
 acc_t sum_of(const at::Tensor& rows) {  // in order: results do not depend on the threads
@@ -124,7 +125,7 @@ acc_t rkd_angle_sums(const at::Tensor& gs, const at::Tensor& gt, const RkdSide<a
   at::Tensor loss_rows = at::empty({B}, gs.options());
   acc_t* lr = mdata<acc_t>(loss_rows);
   const Vec one(1), minus_one(-1), half(0.5);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(B * B), [&](int64_t begin, int64_t end) {  // 64k triplets or more a task
     for (int64_t j = begin; j < end; ++j) {
       acc_t* Pj = p + j * B;
       std::fill(Pj, Pj + B, acc_t(0));
@@ -234,11 +235,15 @@ std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s_in, const 
   at::Tensor loss, S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "pkt_gram_cpu", [&] {
     using acc_t = scalar_t;
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t K = Vec::size();
     const acc_t eps = eps_in, inv_b2 = acc_t(1) / acc_t(B * B);
-    // Per row: c (inverse norm), r (row sum of K), sigma, loss; for student and teacher.
-    at::Tensor rows = at::empty({6, B}, gs.options());
-    acc_t* cs = mdata<acc_t>(rows);
-    acc_t *ct = cs + B, *rs = cs + 2 * B, *rt = cs + 3 * B, *sigma = cs + 4 * B, *loss_rows = cs + 5 * B;
+    // Per row: c (inverse norms) of student and teacher, the loss row.
+    at::Tensor rows = at::empty({3, B}, gs.options());
+    acc_t *cs = mdata<acc_t>(rows), *ct = cs + B, *loss_rows = cs + 2 * B;
+    // The conditional probabilities of both models, then kappa = dL/dK in the student's.
+    at::Tensor probs = at::empty({2, B, B}, gs.options());
+    acc_t *Ps = mdata<acc_t>(probs), *Pt = Ps + B * B;
     const acc_t *Gs = cdata<acc_t>(gs), *Gt = cdata<acc_t>(gt);
     for (int64_t i = 0; i < B; ++i) {
       cs[i] = pkt_inv_norm(Gs[i * B + i], eps);
@@ -246,38 +251,39 @@ std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s_in, const 
     }
     at::parallel_for(0, B, row_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        acc_t *ps = Ps + i * B, *pt = Pt + i * B;
         acc_t sum_s = 0, sum_t = 0;
         for (int64_t j = 0; j < B; ++j) {
-          sum_s += pkt_kernel(Gs[i * B + j], cs[i], cs[j]);
-          sum_t += pkt_kernel(Gt[i * B + j], ct[i], ct[j]);
+          ps[j] = pkt_kernel(Gs[i * B + j], cs[i], cs[j]);
+          pt[j] = pkt_kernel(Gt[i * B + j], ct[i], ct[j]);
+          sum_s += ps[j];
+          sum_t += pt[j];
         }
-        rs[i] = sum_s;
-        rt[i] = sum_t;
-        acc_t loss = 0, sig = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          const acc_t ps = pkt_kernel(Gs[i * B + j], cs[i], cs[j]) / sum_s;
-          const acc_t pt = pkt_kernel(Gt[i * B + j], ct[i], ct[j]) / sum_t;
-          loss += pkt_loss_term(pt, ps, eps);
-          sig -= pt / (ps + eps) * ps;
+        const Vec inv_s(acc_t(1) / sum_s), inv_t(acc_t(1) / sum_t), veps(eps);
+        Vec loss(0), sigma(0);
+        for (int64_t j = 0; j < B; j += K) {  // pt log((pt + eps) / (ps + eps)), pi = -pt / (ps + eps)
+          const int64_t n = std::min(K, B - j);
+          const Vec p_s = Vec::loadu(ps + j, n) * inv_s, p_t = Vec::loadu(pt + j, n) * inv_t;
+          p_s.store(ps + j, n);
+          p_t.store(pt + j, n);
+          loss = loss + p_t * ((p_t + veps) / (p_s + veps)).log();
+          sigma = sigma - p_t / (p_s + veps) * p_s;
         }
-        loss_rows[i] = loss;
-        sigma[i] = sig * inv_b2;
+        loss_rows[i] = lane_sum(loss);
+        // kappa_ij = dL/dK_ij = (pi_ij - sigma_i) / r_i, over the student's probabilities
+        const acc_t sig = lane_sum(sigma) * inv_b2, inv_r = acc_t(1) / sum_s;
+        for (int64_t j = 0; j < B; ++j) ps[j] = (-pt[j] / (ps[j] + eps) * inv_b2 - sig) * inv_r;
       }
     });
-    loss = at::scalar_tensor(sum_of<acc_t>(rows[5]) * inv_b2, gs.options());
+    loss = at::scalar_tensor(sum_of<acc_t>(rows[2]) * inv_b2, gs.options());
     if (!compute_grad) return;
-    // kappa_ij = dL/dK_ij from row i's values.
-    auto kappa = [&](int64_t i, int64_t j) {
-      const acc_t ps = pkt_kernel(Gs[i * B + j], cs[i], cs[j]) / rs[i];
-      const acc_t pt = pkt_kernel(Gt[i * B + j], ct[i], ct[j]) / rt[i];
-      return (-pt / (ps + eps) * inv_b2 - sigma[i]) / rs[i];
-    };
+    const acc_t* kappa = Ps;
     acc_t* out = mdata<acc_t>(S);
     at::parallel_for(0, B, row_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t lambda = 0;
         for (int64_t j = 0; j < B; ++j) {
-          const acc_t m = acc_t(0.5) * (kappa(i, j) + kappa(j, i));  // dL/dcos_ij, symmetrised
+          const acc_t m = acc_t(0.5) * (kappa[i * B + j] + kappa[j * B + i]);  // dL/dcos_ij, symmetrised
           out[i * B + j] = m * cs[i] * cs[j];
           if (cs[j] != acc_t(0)) lambda += m * Gs[i * B + j] * cs[j];
         }
@@ -298,43 +304,45 @@ std::tuple<at::Tensor, at::Tensor> similarity_gram_cpu(const at::Tensor& g_s_in,
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "similarity_gram_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t p = p_in, inv_b2 = acc_t(1) / acc_t(B * B);
-    // Per row: the p-norms of student and teacher rows, sigma, loss.
-    at::Tensor rows = at::empty({4, B}, gs.options());
-    acc_t* ns = mdata<acc_t>(rows);
-    acc_t *nt = ns + B, *sigma = ns + 2 * B, *loss_rows = ns + 3 * B;
+    at::Tensor loss_rows = at::empty({B}, gs.options());
+    // The student's normalised rows, then dL/dG.
+    at::Tensor work = at::empty({B, B}, gs.options());
+    acc_t *lr = mdata<acc_t>(loss_rows), *dG = mdata<acc_t>(work);
     const acc_t *Gs = cdata<acc_t>(gs), *Gt = cdata<acc_t>(gt);
     at::parallel_for(0, B, row_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        const acc_t *gs_i = Gs + i * B, *gt_i = Gt + i * B;
+        acc_t* d = dG + i * B;
         acc_t sum_s = 0, sum_t = 0;
         for (int64_t j = 0; j < B; ++j) {
-          sum_s += abs_pow(Gs[i * B + j], p);
-          sum_t += abs_pow(Gt[i * B + j], p);
+          sum_s += abs_pow(gs_i[j], p);
+          sum_t += abs_pow(gt_i[j], p);
         }
-        ns[i] = p_norm_from_sum(sum_s, p);
-        nt[i] = p_norm_from_sum(sum_t, p);
-        const acc_t den_s = normalize_denominator(ns[i]), den_t = normalize_denominator(nt[i]);
-        acc_t loss = 0, sig = 0;
+        const acc_t norm_s = p_norm_from_sum(sum_s, p);
+        const acc_t inv_s = acc_t(1) / normalize_denominator(norm_s);
+        const acc_t inv_t = acc_t(1) / normalize_denominator(p_norm_from_sum(sum_t, p));
+        acc_t loss = 0, sigma = 0;
         for (int64_t j = 0; j < B; ++j) {
-          const acc_t hs = Gs[i * B + j] / den_s, diff = hs - Gt[i * B + j] / den_t;
+          const acc_t hs = gs_i[j] * inv_s, diff = hs - gt_i[j] * inv_t;
           loss += diff * diff;
-          sig += diff * hs;
+          sigma += diff * hs;
+          d[j] = hs;
         }
-        loss_rows[i] = loss;
-        sigma[i] = 2 * sig * inv_b2;
+        lr[i] = loss;
+        if (!compute_grad) continue;
+        const acc_t two_inv_b2 = 2 * inv_b2;
+        sigma *= two_inv_b2;
+        for (int64_t j = 0; j < B; ++j) {
+          d[j] = similarity_grad((d[j] - gt_i[j] * inv_t) * two_inv_b2, d[j], sigma, norm_s, inv_s, p);
+        }
       }
     });
-    loss = at::scalar_tensor(sum_of<acc_t>(rows[3]) * inv_b2, gs.options());
+    loss = at::scalar_tensor(sum_of<acc_t>(loss_rows) * inv_b2, gs.options());
     if (!compute_grad) return;
-    // dL/dG_ij from row i's values.
-    auto grad = [&](int64_t i, int64_t j) {
-      const acc_t hs = Gs[i * B + j] / normalize_denominator(ns[i]);
-      const acc_t gamma = 2 * (hs - Gt[i * B + j] / normalize_denominator(nt[i])) * inv_b2;
-      return similarity_grad(gamma, hs, sigma[i], ns[i], p);
-    };
     acc_t* out = mdata<acc_t>(S);
     at::parallel_for(0, B, row_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < B; ++j) out[i * B + j] = grad(i, j) + grad(j, i);
+        for (int64_t j = 0; j < B; ++j) out[i * B + j] = dG[i * B + j] + dG[j * B + i];
       }
     });
   });

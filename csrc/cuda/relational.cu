@@ -454,9 +454,10 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t similarity_grad_at(const acc_t* Gs, const acc_t* Gt, const acc_t* rows, int64_t B,
                                                     int64_t row, int64_t col, acc_t p, acc_t two_inv_b2) {
   const acc_t norm_s = rows[row], norm_t = rows[B + row], sigma = rows[2 * B + row] * two_inv_b2;
-  const acc_t hs = Gs[row * B + col] / normalize_denominator(norm_s);
+  const acc_t inv_s = acc_t(1) / normalize_denominator(norm_s);
+  const acc_t hs = Gs[row * B + col] * inv_s;
   const acc_t gamma = (hs - Gt[row * B + col] / normalize_denominator(norm_t)) * two_inv_b2;
-  return similarity_grad(gamma, hs, sigma, norm_s, p);
+  return similarity_grad(gamma, hs, sigma, norm_s, inv_s, p);
 }
 
 template <typename acc_t>
