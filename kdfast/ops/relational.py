@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import select_backend
-from ._common import acc_dtype
+from ._common import acc_dtype, scale_saved_grad
 
 KERNELS = ("torch", "cpu", "triton", "cuda")
 
@@ -201,14 +201,17 @@ def _(e_s, e_t, dist_weight, angle_weight, compute_grad, backend):
 def _rkd_setup_context(ctx, inputs, output):
     e_s, compute_grad = inputs[0], inputs[4]
     ctx.compute_grad, ctx.dtype, ctx.split = compute_grad, e_s.dtype, _split_matmuls(e_s)
+    ctx.set_materialize_grads(False)  # S and X are saved for backward, not differentiated
     ctx.save_for_backward(output[1], output[2])
 
 
 def _rkd_backward(ctx, grad_loss, _S, _X):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return (None,) * 6
     if not ctx.compute_grad:
         raise RuntimeError("kdfast: rkd was called with compute_grad=False and cannot backpropagate")
     S, X = ctx.saved_tensors
-    return (_grad_matmul(S * grad_loss, X, ctx.split).to(ctx.dtype),) + (None,) * 5
+    return (_grad_matmul(scale_saved_grad(S, grad_loss), X, ctx.split).to(ctx.dtype),) + (None,) * 5
 
 
 rkd.register_autograd(_rkd_backward, setup_context=_rkd_setup_context)
@@ -246,14 +249,17 @@ def _gram_loss_fake(e_s, e_t, option, compute_grad, backend):
 def _gram_loss_setup_context(ctx, inputs, output):
     e_s, compute_grad = inputs[0], inputs[3]
     ctx.compute_grad, ctx.split = compute_grad, _split_matmuls(e_s)
+    ctx.set_materialize_grads(False)  # S is saved for backward, not differentiated
     ctx.save_for_backward(output[1], e_s)
 
 
 def _gram_loss_backward(ctx, grad_loss, _S):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return (None,) * 5
     if not ctx.compute_grad:
         raise RuntimeError("kdfast: this relational op was called with compute_grad=False and cannot backpropagate")
     S, e_s = ctx.saved_tensors
-    return (_grad_matmul(S * grad_loss, e_s, ctx.split).to(e_s.dtype),) + (None,) * 4
+    return (_grad_matmul(scale_saved_grad(S, grad_loss), e_s, ctx.split).to(e_s.dtype),) + (None,) * 4
 
 
 for _op in (pkt, similarity_preserving):
