@@ -2,7 +2,6 @@
 fasterai parity (student gradients, weights, match_feature_layers), and each behaviour
 where fasterai 0.4.1 is wrong."""
 import functools
-import warnings
 from collections import OrderedDict
 
 import pytest
@@ -400,6 +399,13 @@ def test_student_names_resolve_with_or_without_prefixes(names):
     kd = KnowledgeDistillationCallback(teacher_net(), record_loss(calls), names, ["module.relu1b", "relu2"])
     fit_quietly(learner(), 1, 1e-2, cbs=kd)
     assert [f.shape[1:] for f in calls[0]["fm_s"].values()] == [(8, 12, 12), (16, 6, 6)]
+
+
+def test_teacher_may_be_a_learner():
+    teacher = learner(teacher_net())
+    assert KnowledgeDistillationCallback(teacher, L.SoftTarget).teacher is teacher.model
+    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+        KnowledgeDistillationCallback("resnet34", L.SoftTarget)
 
 
 def test_names_resolve_inside_a_data_parallel_wrapper():
