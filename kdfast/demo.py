@@ -15,6 +15,7 @@ labelled by file name (``--data PATH --label RULE``).
     kdfast demo                          # a few minutes on 2 CPU cores; a GPU is used when present
     kdfast demo --epochs 1 --size 32     # a quick look
     kdfast demo --data ~/.fastai/data/oxford-iiit-pet --label uppercase-first --size 64
+    kdfast demo --distributed 2          # the same on 2 processes (torchrun: GPUs, or CPUs over gloo)
 """
 from __future__ import annotations
 
@@ -60,9 +61,11 @@ def write_digits(folder: str | os.PathLike, limit: int | None = None) -> list[Pa
     files = []
     for i in range(count):
         path = folder / f"{DIGIT_NAMES[labels[i]]}_{i:04d}.png"
-        if not path.exists():
+        if not path.exists():  # written under a private name, then renamed: ranks may race here
             pixels = np.clip(images[i] * (255 / 16), 0, 255).round().astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(path)
+            partial = path.with_name(f".{path.stem}.{os.getpid()}.png")
+            Image.fromarray(pixels, mode="L").save(partial)
+            os.replace(partial, path)
         files.append(path)
     return files
 
@@ -158,9 +161,20 @@ def _epoch_timer():
     return EpochTimer()
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (1 outside torchrun)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _fit(learn, epochs: int, lr: float, cbs=None) -> dict:
+    import contextlib
+
     timer = _epoch_timer()
-    learn.fit_one_cycle(epochs, lr, cbs=[timer] + ([cbs] if cbs is not None else []))
+    distributed = _rank_and_world()[1] > 1
+    if distributed:
+        from .distributed import distrib_ctx
+    with distrib_ctx(learn) if distributed else contextlib.nullcontext():
+        learn.fit_one_cycle(epochs, lr, cbs=[timer] + ([cbs] if cbs is not None else []))
     names = learn.recorder.metric_names[1:-1]  # without 'epoch' and 'time'
     accuracy = [float(row[names.index("accuracy")]) for row in learn.recorder.values]
     return {"accuracy": accuracy, "epoch_s": timer.epoch_s, "train_s": timer.train_s}
@@ -226,6 +240,8 @@ def run_demo(epochs: int = 5, size: int = 32, bs: int = 64, lr: float = 1e-3, da
     from .schedule import cos
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
+    rank, world = _rank_and_world()
+    report = print if rank == 0 else (lambda *args, **kwargs: None)  # one report, from rank 0
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -237,49 +253,52 @@ def run_demo(epochs: int = 5, size: int = 32, bs: int = 64, lr: float = 1e-3, da
     classes = check_labels(files, label_func, label)
     dls = make_dataloaders(files, label_func, size, bs, seed)
     device = dls.device
-    print(f"data: {source}, {len(files)} images, {len(classes)} classes, {len(dls.train_ds)} train / "
-          f"{len(dls.valid_ds)} valid, resized to {size}x{size}, batch {bs}, on {device}")
+    report(f"data: {source}, {len(files)} images, {len(classes)} classes, {len(dls.train_ds)} train / "
+          f"{len(dls.valid_ds)} valid, resized to {size}x{size}, batch {bs}, on {device}"
+          + (f", {world} processes (each {bs} per batch)" if world > 1 else ""))
 
     runs: dict[str, dict] = {}
-    print(f"\n== 1. teacher: ResNet-34 (vision_learner, trained from scratch), {epochs} epochs")
+    report(f"\n== 1. teacher: ResNet-34 (vision_learner, trained from scratch), {epochs} epochs")
     set_seed(seed)
     teacher = vision_learner(dls, resnet34, pretrained=False, metrics=accuracy)
     teacher.unfreeze()
     runs["teacher ResNet-34"] = _fit(teacher, epochs, lr)
 
     n_classes = len(dls.vocab)
-    print("\n== 2. student alone: ResNet-18")
+    report("\n== 2. student alone: ResNet-18")
     set_seed(seed)
     student = Learner(dls, resnet18(num_classes=n_classes), metrics=accuracy)
     alone = runs["student alone"] = _fit(student, epochs, lr)
 
-    print("\n== 3. student with SoftTarget, cos schedule")
+    report("\n== 3. student with SoftTarget, cos schedule")
     set_seed(seed)
     student = Learner(dls, resnet18(num_classes=n_classes), metrics=accuracy)
     kd = KnowledgeDistillationCallback(teacher.model, SoftTarget, schedule=cos)
     runs["SoftTarget + cos"] = _fit(student, epochs, lr, cbs=kd)
 
-    print("\n== 4. student with Attention transfer on matched layers, weight 0.9")
+    report("\n== 4. student with Attention transfer on matched layers, weight 0.9")
     set_seed(seed)
     student_model = resnet18(num_classes=n_classes)
     pairs = match_feature_layers(student_model, teacher.model, torch.randn(1, 3, size, size))
-    print(pairs)
+    report(pairs)
     student = Learner(dls, student_model, metrics=accuracy)
     kd = KnowledgeDistillationCallback(teacher.model, Attention, pairs["student"], pairs["teacher"], weight=0.9)
     runs["Attention (weight 0.9)"] = _fit(student, epochs, lr, cbs=kd)
 
     rows = [_summary_row(name, run, None if name.startswith(("teacher", "student alone")) else alone)
             for name, run in runs.items()]
-    print()
+    results = {"data": source, "images": len(files), "classes": classes, "size": size, "bs": bs, "lr": lr,
+               "epochs": epochs, "device": str(device), "processes": world,
+               "torch_threads": torch.get_num_threads(), "pairs": pairs, "runs": runs, "summary": rows}
+    if rank != 0:
+        return results
+    report()
     _print_table(rows)
     plot_path = out_dir / "accuracy.png"
     _plot(runs, plot_path, f"{source}, {size}x{size}: validation accuracy per epoch")
-    results = {"data": source, "images": len(files), "classes": classes, "size": size, "bs": bs, "lr": lr,
-               "epochs": epochs, "device": str(device), "torch_threads": torch.get_num_threads(),
-               "pairs": pairs, "runs": runs, "summary": rows}
     with open(out_dir / "results.json", "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nwrote {plot_path} and {out_dir / 'results.json'}")
+    report(f"\nwrote {plot_path} and {out_dir / 'results.json'}")
     return results
 
 
@@ -302,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="output folder for the plot and results.json "
                                                           "(default demo_out)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--distributed", type=int, default=1, metavar="N",
+                        help="train every model on N processes (torchrun; one per GPU, or CPU processes "
+                             "over gloo), each with batches of --bs")
     args = parser.parse_args(argv)
     for name in ("epochs", "size", "bs", "limit"):
         value = getattr(args, name)
@@ -309,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.size < 16:
         parser.error(f"--size {args.size} is too small for ResNets (they downsample 32×); use 16 or more")
+    if args.distributed < 1:
+        parser.error(f"--distributed must be at least 1, got {args.distributed}")
+    if args.distributed > 1 and _rank_and_world()[1] == 1:
+        return _launch(args.distributed, argv if argv is not None else sys.argv[1:])
     try:
         label_function(args.label)  # reject a bad rule before anything is trained
         run_demo(epochs=args.epochs, size=args.size, bs=args.bs, lr=args.lr, data=args.data, label=args.label,
@@ -317,6 +343,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdfast demo: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _launch(processes: int, argv: list[str]) -> int:
+    """Run this demo under torchrun on ``processes`` processes (this machine only)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # the workers get every option but --distributed
+        if skip:
+            skip = False
+        elif a == "--distributed":
+            skip = True
+        elif not a.startswith("--distributed="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "kdfast.demo", *rest]
+    print("kdfast demo: " + " ".join(["torchrun"] + cmd[3:]), flush=True)
+    return subprocess.run(cmd).returncode
 
 
 if __name__ == "__main__":

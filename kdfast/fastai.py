@@ -12,8 +12,9 @@ What differs from fasterai 0.4.1 (each a measured defect there):
   (student gradients are the same);
 - the teacher gets every input of the batch (``*xb``);
 - it runs under the student's autocast (fastai's ``MixedPrecision``) and in the student's
-  memory format (``ChannelsLast``); its outputs reach the loss in float32, and the loss
-  is computed outside autocast;
+  memory format (``ChannelsLast``); its logits reach the loss in float32, hooked features
+  in the student's feature dtype (no upcast copies), and the loss is computed outside
+  autocast;
 - validation: the teacher does not run and ``valid_loss`` is the student's plain loss,
   comparable with a student trained alone (``blend_valid=True`` restores fasterai's
   blended validation loss); ``get_preds`` without labels works;
@@ -535,9 +536,11 @@ class KnowledgeDistillationCallback(Callback):
             if self.activations_student:
                 keys_s, keys_t = _unique_keys(self.activations_student), _unique_keys(self.activations_teacher)
                 for ks, kt, s, t in zip(keys_s, keys_t, st.fm_s, st.fm_t):
-                    s = _to_loss_dtype(s)
+                    # Features keep the student's precision (bf16/fp16 under autocast: no upcast
+                    # copies; the losses accumulate in fp32); the teacher's follow the student's.
                     fm_s[ks] = s
-                    fm_t[kt] = _to_loss_dtype(t, s.dtype if isinstance(s, torch.Tensor) else None)
+                    fm_t[kt] = _to_loss_dtype(t, s.dtype if isinstance(s, torch.Tensor) and s.is_floating_point()
+                                              else None)
             kd = self._loss_fn(pred=pred, teacher_pred=teacher_pred, fm_s=fm_s, fm_t=fm_t, target=self.y)
         loss_grad = self.learn.loss_grad
         if not isinstance(kd, torch.Tensor):
