@@ -29,6 +29,11 @@ __all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", 
 _INPUTS = frozenset({"pred", "teacher_pred", "fm_s", "fm_t", "target"})
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Low-precision features are reduced in float32 (float64 stays float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class DistillationLoss(nn.Module):
     """Base of kdfast's losses: called with inputs it computes the loss (fasterai's function
     convention); called with settings only it returns a configured module."""
@@ -128,7 +133,7 @@ class ActivationBoundaries(DistillationLoss):
         m = self.m
         positive = (s + m).pow(2) * ((s > -m) & (t <= 0)).to(s.dtype)
         negative = (s - m).pow(2) * ((s <= m) & (t > 0)).to(s.dtype)
-        return (positive + negative).mean()
+        return (positive + negative).mean(dtype=_acc(s))
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "ActivationBoundaries", self._pair)
@@ -140,7 +145,7 @@ class FitNet(DistillationLoss):
     @staticmethod
     def _pair(s, t):
         checks.check_pair(s, t, "FitNet", "fm_s", "fm_t")
-        return F.mse_loss(s, t.detach())
+        return (s - t.detach()).pow(2).mean(dtype=_acc(s))  # mse_loss, accumulated in fp32
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "FitNet", self._pair)
