@@ -251,6 +251,21 @@ def test_backward_twice_with_retain_graph(device, backend):
     assert_close(second, 2 * first, 1e-6, "second backward")
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("name", ["rkd", "pkt", "similarity"])
+def test_inside_autocast(device, backend, name):
+    """Under autocast (bfloat16 matmuls) the Grams and the gradient stay in float32."""
+    s = make((6, 10), torch.float32, device, seed=26)
+    t = make((6, 10), torch.float32, device, seed=27)
+    fn, _ = LOSSES[name]
+    plain, plain_grad = run(fn, backend, s, t)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cast, cast_grad = run(fn, backend, s, t)
+    assert cast.dtype == torch.float32 and cast_grad.dtype == torch.float32
+    close(cast, plain, 1e-6, "loss")
+    close(cast_grad, plain_grad, 1e-6, "grad")
+
+
 def test_no_grad_skips_the_gradient():
     s = make((5, 8), torch.float32, "cpu", seed=24).requires_grad_()
     t = make((5, 8), torch.float32, "cpu", seed=25)

@@ -164,6 +164,12 @@ def _centred(e: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return x - x.mean(0, keepdim=True)
 
 
+def _float_matmuls(x: torch.Tensor):
+    """Autocast off: the Grams and the gradient keep the dtypes chosen here, also when a
+    loss is called inside an autocast region."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _kernel(name: str, backend: str):
     if backend == "triton":
         from ..triton import relational as triton_relational
@@ -183,8 +189,9 @@ def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float, angle_weight: 
     """RKD on embeddings [B, D_s], [B, D_t]: (loss, S, centred student X); S and X are
     empty without compute_grad. The gradient with respect to e_s is S X."""
     acc = _common_acc(e_s, e_t)
-    x_s, x_t = _centred(e_s, acc), _centred(e_t, acc)
-    g_s, g_t = _gram(x_s, _split_matmuls(e_s)), _gram(x_t, _split_matmuls(e_t))
+    with _float_matmuls(e_s):
+        x_s, x_t = _centred(e_s, acc), _centred(e_t, acc)
+        g_s, g_t = _gram(x_s, _split_matmuls(e_s)), _gram(x_t, _split_matmuls(e_t))
     tol = coincidence_tol(acc, max(e_s.shape[1], e_t.shape[1]))
     loss, S = _kernel("rkd_gram", backend)(g_s, g_t, dist_weight, angle_weight, tol, compute_grad)
     return loss, S, x_s if compute_grad else x_s.new_empty(0)
@@ -211,7 +218,9 @@ def _rkd_backward(ctx, grad_loss, _S, _X):
     if not ctx.compute_grad:
         raise RuntimeError("kdfast: rkd was called with compute_grad=False and cannot backpropagate")
     S, X = ctx.saved_tensors
-    return (_grad_matmul(scale_saved_grad(S, grad_loss), X, ctx.split).to(ctx.dtype),) + (None,) * 5
+    with _float_matmuls(X):
+        grad = _grad_matmul(scale_saved_grad(S, grad_loss), X, ctx.split)
+    return (grad.to(ctx.dtype),) + (None,) * 5
 
 
 rkd.register_autograd(_rkd_backward, setup_context=_rkd_setup_context)
@@ -221,7 +230,8 @@ def _gram_pair(e_s: torch.Tensor, e_t: torch.Tensor) -> tuple[torch.Tensor, torc
     """The uncentred Gram matrices of student and teacher (PKT, similarity)."""
     acc = _common_acc(e_s, e_t)
     split_s, split_t = _split_matmuls(e_s), _split_matmuls(e_t)
-    return _gram(_operand(e_s, acc, split_s), split_s), _gram(_operand(e_t, acc, split_t), split_t)
+    with _float_matmuls(e_s):
+        return _gram(_operand(e_s, acc, split_s), split_s), _gram(_operand(e_t, acc, split_t), split_t)
 
 
 @torch.library.custom_op("kdfast::pkt", mutates_args=())
@@ -259,7 +269,9 @@ def _gram_loss_backward(ctx, grad_loss, _S):
     if not ctx.compute_grad:
         raise RuntimeError("kdfast: this relational op was called with compute_grad=False and cannot backpropagate")
     S, e_s = ctx.saved_tensors
-    return (_grad_matmul(scale_saved_grad(S, grad_loss), e_s, ctx.split).to(e_s.dtype),) + (None,) * 4
+    with _float_matmuls(e_s):
+        grad = _grad_matmul(scale_saved_grad(S, grad_loss), e_s, ctx.split)
+    return (grad.to(e_s.dtype),) + (None,) * 4
 
 
 for _op in (pkt, similarity_preserving):
