@@ -110,7 +110,7 @@ def coincidence_tol(dtype: torch.dtype, width: int) -> float:
 
 
 def _split_matmuls(x: torch.Tensor) -> bool:
-    """Whether a float32 matmul on x runs as bfloat16 tensor-core products (see _mm)."""
+    """Whether the matmuls on x run as bfloat16 tensor-core products (see _gram)."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_FLOAT32_OUT
 
 
