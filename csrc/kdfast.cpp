@@ -50,6 +50,15 @@ TORCH_LIBRARY(kdfast_C, m) {
       "bool compute_grad) -> (Tensor, Tensor)");
   // grad *= grad_output (a scalar on the device), skipped on the device when it is 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // Relational losses from the student's and teacher's Gram matrices [B, B] (float32 or
+  // float64; csrc/relational_math.h). Each returns the loss (0-dim) and, when compute_grad,
+  // S = dL/dG_s + dL/dG_s^T [B, B] (else an empty tensor): dL/dE_s = S E_s.
+  // RKD: weighted distance + angle on the Gram of centred embeddings; pairs with
+  // d2 <= tol (G_ii + G_jj) count as duplicate samples.
+  m.def("rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
+        "bool compute_grad) -> (Tensor, Tensor)");
+  m.def("pkt_gram(Tensor G_s, Tensor G_t, float eps, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("similarity_gram(Tensor G_s, Tensor G_t, float p, bool compute_grad) -> (Tensor, Tensor)");
 }
 
 // `import kdfast._C` loads this library, which registers the operators above.

@@ -171,8 +171,9 @@ def _relational_pairs(fm_s, fm_t, pred, teacher_pred, name):
 
 class RKD(DistillationLoss):
     """Relational KD (Park et al. 2019): ``dist_weight·L_distance + angle_weight·L_angle`` on
-    flattened features, summed over pairs. Defaults 25 and 50 (the paper, RepDistiller,
-    mdistiller on CIFAR; torchdistill's ImageNet config uses 1 and 2)."""
+    flattened features, summed over pairs, both terms from one Gram matrix per model and layer
+    pair. Defaults 25 and 50 (the paper, RepDistiller, mdistiller on CIFAR; torchdistill's
+    ImageNet config uses 1 and 2)."""
 
     def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
@@ -181,10 +182,8 @@ class RKD(DistillationLoss):
     def forward(self, fm_s=None, fm_t=None, pred=None, teacher_pred=None, **kwargs):
         total = 0.0
         for s, t in _relational_pairs(fm_s, fm_t, pred, teacher_pred, "RKD"):
-            if self.dist_weight:
-                total = total + self.dist_weight * KF.rkd_distance(s, t)
-            if self.angle_weight:
-                total = total + self.angle_weight * KF.rkd_angle(s, t)
+            if self.dist_weight or self.angle_weight:
+                total = total + KF.rkd(s, t, self.dist_weight, self.angle_weight)
         return total
 
 
