@@ -38,6 +38,15 @@ class Floor:
 
 
 @dataclass
+class MemoryRatio:
+    """``provider``'s peak extra memory must be at most ``fraction`` of ``baseline``'s, both
+    measured in the same run."""
+    provider: str
+    baseline: str
+    fraction: float
+
+
+@dataclass
 class Case:
     op: str
     shape: dict[str, int]
@@ -48,6 +57,7 @@ class Case:
     floors: list[Floor] = field(default_factory=list)
     gbps_floors: dict[str, float] = field(default_factory=dict)       # provider -> min effective GB/s
     memory_ceilings: dict[str, int] = field(default_factory=dict)     # provider -> max peak extra bytes
+    memory_ratios: list[MemoryRatio] = field(default_factory=list)
     note: str = ""
 
 
@@ -191,6 +201,17 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
                   "met": value is not None and value * 2**20 <= ceiling}
         records.append(record)
         log(_format(record))
+    for ratio in case.memory_ratios:
+        value = measured.get(ratio.provider, {}).get("peak_extra_mb")
+        baseline = measured.get(ratio.baseline, {}).get("peak_extra_mb")
+        ceiling = None if baseline is None else ratio.fraction * baseline
+        record = {**base, "kind": "memory", "provider": ratio.provider, "baseline": ratio.baseline,
+                  "fraction": ratio.fraction, "ceiling_mb": ceiling, "peak_extra_mb": value,
+                  "met": value is not None and ceiling is not None and value <= ceiling}
+        if ceiling is None:
+            record["error"] = "the baseline did not run"
+        records.append(record)
+        log(_format(record))
     return records
 
 
@@ -204,7 +225,8 @@ def _format(r: dict[str, Any]) -> str:
     if r["kind"] == "bandwidth":
         return f"{head} {r['effective_gbps'] or 0:8.1f} GB/s effective (floor {r['floor_gbps']}: {met})"
     if r["kind"] == "memory":
-        return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}: {met})"
+        of = f" = {r['fraction']:g} x {r['baseline']}" if "baseline" in r else ""
+        return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}{of}: {met})"
     text = f"{head} {r['median_ms']:10.3f} ms"
     if "effective_gbps" in r:
         text += f" {r['effective_gbps']:8.1f} GB/s"

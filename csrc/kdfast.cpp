@@ -18,7 +18,13 @@ std::string cuda_build_info();  // csrc/cuda/build_info.cu
 // "key=value" lines, parsed by kdfast/_extension.py.
 std::string build_info() {
   std::string info = "torch=" TORCH_VERSION "\n";
-  info += "compiler=" __VERSION__ "\n";
+#if defined(__clang__)
+  info += "compiler=clang " __clang_version__ "\n";
+#elif defined(__GNUC__)
+  info += "compiler=gcc " __VERSION__ "\n";
+#else
+  info += "compiler=unknown\n";
+#endif
 #if defined(CPU_CAPABILITY_AVX2)
   info += "cpu_capability=AVX2\n";
 #else
@@ -42,6 +48,17 @@ TORCH_LIBRARY(kdfast_C, m) {
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
       "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // grad *= grad_output (a scalar on the device), skipped on the device when it is 1.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // Relational losses from the student's and teacher's Gram matrices [B, B] (float32 or
+  // float64; csrc/relational_math.h). Each returns the loss (0-dim) and, when compute_grad,
+  // S = dL/dG_s + dL/dG_s^T [B, B] (else an empty tensor): dL/dE_s = S E_s.
+  // RKD: weighted distance + angle on the Gram of centred embeddings; pairs with
+  // d2 <= tol (G_ii + G_jj) count as duplicate samples.
+  m.def("rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
+        "bool compute_grad) -> (Tensor, Tensor)");
+  m.def("pkt_gram(Tensor G_s, Tensor G_t, float eps, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("similarity_gram(Tensor G_s, Tensor G_t, float p, bool compute_grad) -> (Tensor, Tensor)");
   // Fused attention transfer over layer pairs (csrc/attention_math.h); all maps of a call
   // share one dtype and device. Forward: the loss summed over the pairs (0-dim, opmath
   // dtype) and per pair the [B, X] map w = d loss / d(mean_c f_s^p) that backward needs.

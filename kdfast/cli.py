@@ -10,6 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the status of every backend")
     sub.add_parser("bench", help="run kdfast's benchmarks (from a source checkout)", add_help=False)
+    sub.add_parser("demo", help="fasterai's distillation tutorial, offline (needs fastai)", add_help=False)
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "info":
@@ -18,7 +19,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(rest)
+    if args.command == "demo":
+        return _demo(rest)
     return 1
+
+
+def _demo(argv: list[str]) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")  # fastai's import
+    try:
+        import fastai  # noqa: F401
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        print(f"kdfast demo needs fastai, scikit-learn and matplotlib ({e}); install them with "
+              f"pip install 'kdfast[fastai]' (or `make demo` in a source checkout)")
+        return 2
+    from .demo import main as demo_main
+    return demo_main(argv)
 
 
 def _bench(argv: list[str]) -> int:

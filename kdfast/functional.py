@@ -22,7 +22,7 @@ from .ops.softmax_kl import softmax_kl_loss
 
 __all__ = [
     "soft_target_kl", "decoupled_kd", "attention_transfer",
-    "rkd_distance", "rkd_angle", "pkt", "similarity_preserving",
+    "rkd", "rkd_distance", "rkd_angle", "pkt", "similarity_preserving",
 ]
 
 
@@ -139,27 +139,41 @@ def _check_embeddings(e_s, e_t, op):
                          f"each other and need a batch of at least 2")
 
 
+def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
+        angle_weight: float = 50.0) -> torch.Tensor:
+    """Relational KD (Park et al. 2019): ``dist_weight·L_distance + angle_weight·L_angle`` on
+    embeddings [B, ...] (flattened; student and teacher widths may differ), both terms from
+    one Gram matrix per model. A term of weight 0 is not computed."""
+    _check_embeddings(e_s, e_t, "rkd")
+    return _relational.rkd_loss(e_s, e_t, float(dist_weight), float(angle_weight))
+
+
 def rkd_distance(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     """RKD distance loss (Park et al. 2019) on embeddings [B, ...] (flattened); student and
     teacher widths may differ."""
     _check_embeddings(e_s, e_t, "rkd_distance")
-    return _relational.rkd_distance_ref(e_s, e_t)
+    return _relational.rkd_loss(e_s, e_t, 1.0, 0.0, op="rkd_distance")
 
 
 def rkd_angle(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
-    """RKD angle loss (Park et al. 2019) on embeddings [B, ...] (flattened)."""
+    """RKD angle loss (Park et al. 2019) on embeddings [B, ...] (flattened), from the Gram
+    matrix: memory O(B² + B·D), not the reference's [B, B, D]."""
     _check_embeddings(e_s, e_t, "rkd_angle")
-    return _relational.rkd_angle_ref(e_s, e_t)
+    return _relational.rkd_loss(e_s, e_t, 0.0, 1.0, op="rkd_angle")
 
 
 def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Probabilistic knowledge transfer (Passalis & Tefas 2018) on embeddings [B, ...]."""
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018) on embeddings [B, ...].
+    As in the canonical code, a sample whose embedding holds a NaN or infinite value counts
+    as a zero vector."""
     _check_embeddings(e_s, e_t, "pkt")
-    return _relational.pkt_ref(e_s, e_t, eps)
+    return _relational.pkt_loss(e_s, e_t, eps)
 
 
 def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori 2019) as fasterai computes it: MSE between the
-    row-normalised Gram matrices of the flattened features."""
+    row-normalised (p-norm) Gram matrices of the flattened features."""
     _check_embeddings(f_s, f_t, "similarity_preserving")
-    return _relational.similarity_preserving_ref(f_s, f_t, p)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"similarity_preserving: p must be a number > 0 (the norm of the Gram rows), got {p!r}")
+    return _relational.similarity_preserving_loss(f_s, f_t, p)

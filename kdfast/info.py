@@ -12,7 +12,7 @@ from .ops import attention, relational, softmax_kl
 OPS = {
     "soft_target_kl / decoupled_kd": softmax_kl.KERNELS,
     "attention_transfer": attention.KERNELS,
-    "rkd_distance / rkd_angle / pkt / similarity_preserving": relational.KERNELS,
+    "rkd / rkd_distance / rkd_angle / pkt / similarity_preserving": relational.KERNELS,
 }
 
 

@@ -29,6 +29,11 @@ __all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", 
 _INPUTS = frozenset({"pred", "teacher_pred", "fm_s", "fm_t", "target"})
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Low-precision features are reduced in float32 (float64 stays float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class DistillationLoss(nn.Module):
     """Base of kdfast's losses: called with inputs it computes the loss (fasterai's function
     convention); called with settings only it returns a configured module."""
@@ -132,7 +137,7 @@ class ActivationBoundaries(DistillationLoss):
         m = self.m
         positive = (s + m).pow(2) * ((s > -m) & (t <= 0)).to(s.dtype)
         negative = (s - m).pow(2) * ((s <= m) & (t > 0)).to(s.dtype)
-        return (positive + negative).mean()
+        return (positive + negative).mean(dtype=_acc(s))
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "ActivationBoundaries", self._pair)
@@ -144,7 +149,7 @@ class FitNet(DistillationLoss):
     @staticmethod
     def _pair(s, t):
         checks.check_pair(s, t, "FitNet", "fm_s", "fm_t")
-        return F.mse_loss(s, t.detach())
+        return (s - t.detach()).pow(2).mean(dtype=_acc(s))  # mse_loss, accumulated in fp32
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "FitNet", self._pair)
@@ -170,8 +175,9 @@ def _relational_pairs(fm_s, fm_t, pred, teacher_pred, name):
 
 class RKD(DistillationLoss):
     """Relational KD (Park et al. 2019): ``dist_weight·L_distance + angle_weight·L_angle`` on
-    flattened features, summed over pairs. Defaults 25 and 50 (the paper, RepDistiller,
-    mdistiller on CIFAR; torchdistill's ImageNet config uses 1 and 2)."""
+    flattened features, summed over pairs, both terms from one Gram matrix per model and layer
+    pair. Defaults 25 and 50 (the paper, RepDistiller, mdistiller on CIFAR; torchdistill's
+    ImageNet config uses 1 and 2)."""
 
     def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
@@ -180,10 +186,8 @@ class RKD(DistillationLoss):
     def forward(self, fm_s=None, fm_t=None, pred=None, teacher_pred=None, **kwargs):
         total = 0.0
         for s, t in _relational_pairs(fm_s, fm_t, pred, teacher_pred, "RKD"):
-            if self.dist_weight:
-                total = total + self.dist_weight * KF.rkd_distance(s, t)
-            if self.angle_weight:
-                total = total + self.angle_weight * KF.rkd_angle(s, t)
+            if self.dist_weight or self.angle_weight:
+                total = total + KF.rkd(s, t, self.dist_weight, self.angle_weight)
         return total
 
 

@@ -36,8 +36,12 @@ def kernel_backends(device: str, kernels) -> list[str]:
             if _backend.unavailable_reason(b, device, kernels) is None]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """max |actual - expected| <= tol * max(|expected|, tiny), compared in float64."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "",
+                 floor: float = 1e-30) -> None:
+    """max |actual - expected| <= tol * max(|expected|, floor), compared in float64.
+
+    ``floor``: the scale below which errors count as absolute, for values that are 0 up to
+    rounding (e.g. RKD at a batch of 2)."""
     actual, expected = actual.double(), expected.double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     finite = torch.isfinite(expected)
@@ -45,7 +49,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     assert torch.equal(actual[~finite].nan_to_num(0), expected[~finite].nan_to_num(0)), \
         f"{what}: infinite entries differ"
     if finite.any():
-        scale = expected[finite].abs().max().clamp_min(1e-30)
+        scale = expected[finite].abs().max().clamp_min(floor)
         err = (actual[finite] - expected[finite]).abs().max()
         assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
 

@@ -12,10 +12,10 @@ from kdfast import _backend, _extension
 from kdfast import functional as KF
 
 
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
+def run_python(code: str, cwd=None, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("KDFAST_BACKEND", "TRITON_INTERPRET")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**environ, **env}, timeout=300)
+                          env={**environ, **env}, timeout=300, cwd=cwd)
 
 
 def test_use_backend_as_context_manager_restores():
@@ -97,3 +97,21 @@ def test_kdfast_info_explains_every_backend():
     for name in kdfast.BACKENDS:
         line = next(line for line in text.splitlines() if line.startswith(f"  {name} "))
         assert "available (" in line or "unavailable: " in line, line
+
+
+def test_without_the_extension_everything_falls_back(tmp_path):
+    """A kdfast whose kdfast._C is missing imports, computes on the torch backend, and says why."""
+    package = os.path.dirname(kdfast.__file__)
+    shutil.copytree(package, tmp_path / "kdfast", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    # (an editable install's import hook would find the checkout's kdfast._C: drop it)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            "import torch, kdfast; from kdfast import _backend; from kdfast import functional as KF; "
+            "s, t = torch.randn(4, 9), torch.randn(4, 9); "
+            "print(_backend.select_backend('soft_target_kl', ('torch', 'cpu'), s.device)); "
+            "print(float(KF.soft_target_kl(s, t, T=2)) >= 0); kdfast.info()")
+    out = run_python(code, cwd=tmp_path, PYTHONPATH=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["torch", "True"]
+    assert any("kdfast._C: not loaded: kdfast._C is not built" in line for line in lines), out.stdout
+    assert any(line.startswith("  cpu     unavailable: kdfast._C is not built") for line in lines), out.stdout

@@ -23,8 +23,8 @@ def features(channels, size=(6, 5), batch=8, seed=0):
     return {f"layer{i}": randn(batch, c, *size, seed=seed + i) for i, c in enumerate(channels)}
 
 
-def compare(kd_loss, fa_loss, inputs, student_keys, tol=2e-5):
-    """Same value and same student gradients for the same inputs."""
+def compare(kd_loss, fa_loss, inputs, student_keys, tol=2e-5, floor=1e-30):
+    """Same value and same student gradients for the same inputs (see assert_close)."""
     def run(fn):
         leaves = {k: {n: v.clone().requires_grad_() for n, v in inputs[k].items()} if isinstance(inputs[k], dict)
                   else inputs[k].clone().requires_grad_() for k in student_keys}
@@ -36,9 +36,9 @@ def compare(kd_loss, fa_loss, inputs, student_keys, tol=2e-5):
 
     value, grads = run(kd_loss)
     ref_value, ref_grads = run(fa_loss)
-    assert_close(value, ref_value, tol, "value")
+    assert_close(value, ref_value, tol, "value", floor)
     for g, r in zip(grads, ref_grads):
-        assert_close(g, r, tol, "student gradient")
+        assert_close(g, r, tol, "student gradient", floor)
 
 
 LOGIT_LOSSES = [
@@ -178,10 +178,16 @@ def relational_inputs(batch, duplicates, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch,duplicates", RELATIONAL_CASES, ids=str)
 def test_rkd_matches_canonical(backend, batch, duplicates):
+    """The torch backend runs the canonical formula itself; the kernels (a Gram matrix of
+    centred embeddings) are checked against its float64 value: in float32, the canonical
+    pdist leaves ~1e-3 of rounding in the distance of duplicate samples, and at a batch of 2
+    the loss is 0 up to rounding (hence errors below 1e-6 of scale count as absolute)."""
     fm_s, fm_t = relational_inputs(batch, duplicates, seed=50)
+    exact = backend != "torch"
+    cast = (lambda x: x.double()) if exact else (lambda x: x)
     with kdfast.use_backend(backend):
-        compare(L.RKD(), lambda fm_s, fm_t, **_: sum(canonical_rkd(fm_s[k], fm_t[k]) for k in fm_s),
-                {"fm_s": fm_s, "fm_t": fm_t}, ["fm_s"], tol=5e-5)
+        compare(L.RKD(), lambda fm_s, fm_t, **_: sum(canonical_rkd(cast(fm_s[k]), cast(fm_t[k])) for k in fm_s),
+                {"fm_s": fm_s, "fm_t": fm_t}, ["fm_s"], tol=5e-5, floor=1e-6 if exact else 1e-30)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

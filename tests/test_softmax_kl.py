@@ -283,3 +283,36 @@ def test_no_grad_skips_the_gradient():
     with torch.no_grad():
         loss = KF.soft_target_kl(s, t)
     assert loss.grad_fn is None and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_vocabulary_beyond_256k(device, backend):
+    V = 262147  # odd, larger than one block of any kernel
+    s, t = make((2, V), torch.float32, device, seed=33), make((2, V), torch.float32, device, seed=34)
+    grad_out = torch.tensor(1.0, device=device)
+    loss, grad = run(backend, s, t, grad_out, T=2.0)
+    ref_loss, ref_grad = reference(s, t, grad_out, T=2.0, dim=-1, reduction="batchmean")
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(grad, ref_grad, 1e-5, "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", kernel_backends("cuda", op.KERNELS) if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("V", [20000, 50000, 128256, 300000])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_gpu_kernel_paths(backend, dtype, V, decoupled):
+    """Rows cached in one block, split over a cluster (sm_90), or read through L2."""
+    N = 6
+    s, t = make((N, V), dtype, "cuda", seed=35), make((N, V), dtype, "cuda", seed=36)
+    target = torch.tensor([0, V - 1, 17, -100, 5, V // 2], device="cuda")
+    grad_out = torch.tensor(1.3, device="cuda")
+    kw = dict(T=3.0, dim=-1, target=target)
+    if decoupled:
+        loss, grad = run(backend, s, t, grad_out, fn=KF.decoupled_kd, **kw)
+    else:
+        loss, grad = run(backend, s, t, grad_out, **kw)
+    ref_loss, ref_grad = reference(s, t, grad_out, reduction="batchmean", decoupled=decoupled, **kw)
+    assert_close(loss, ref_loss, 2e-5, "loss")
+    assert_close(grad, ref_grad, max(TOLERANCE[dtype], 1e-5), "grad")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _extension
+
 REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
 
@@ -39,9 +41,13 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
 
     Ops that compute their input gradient during the forward pass (one read of the inputs)
     save it and scale it here in backward. Usually grad_output is exactly 1
-    (``loss.backward()``), which the CPU checks for free.
+    (``loss.backward()``): the CPU checks for free, the CUDA kernel checks on the device.
     """
-    if grad.device.type == "cpu" and grad_output.numel() == 1 and grad_output.item() == 1:
+    if grad.device.type == "cpu":
+        if grad_output.numel() == 1 and grad_output.item() == 1:
+            return
+    elif grad.device.type == "cuda" and _extension.WITH_CUDA:
+        torch.ops.kdfast_C.scale_grad_(grad, grad_output)  # decides "== 1" on the device
         return
     grad.mul_(grad_output)
 

@@ -2,15 +2,35 @@
 
 The ``*_ref`` functions are the canonical definitions (lenscloth/RKD, RepDistiller, Tung &
 Mori; fasterai for similarity) on embeddings ``[B, D]`` and the torch backend.
+
+The kernels compute every loss from one Gram matrix per model (math and gradient in
+csrc/relational_math.h): ``G = E Eᵀ`` from the platform's matmul (BLAS, cuBLAS), in float32
+(float64 for float64 inputs), then a fused kernel (C++ CPU, Triton, CUDA) turns ``G_s`` and
+``G_t`` into the loss and ``S = dL/dG_s + dL/dG_sᵀ`` ([B, B]). The backward pass is one
+matmul, ``dL/dE_s = S E_s``. RKD works on the centred embeddings ``X = E - mean(E)``
+(distances and angles do not change, and a large common offset no longer cancels in G); as
+every row of its S sums to zero, ``S X`` is also the gradient with respect to E. The angle
+loss never builds the reference's [B, B, D] tensor: memory O(B² + B·D).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype
+from .._backend import select_backend
+from ._common import acc_dtype, scale_saved_grad
 
-KERNELS = ("torch",)
+KERNELS = ("torch", "cpu", "triton", "cuda")
+
+# Two samples whose squared distance is within this many roundings of their Gram entries,
+# times sqrt(D), count as one (duplicates): RKD gives them the reference's values for equal
+# rows (pdist's 1e-12 clamp, a zero normalised difference) instead of amplified rounding.
+COINCIDENCE_ROUNDINGS = 4.0
+
+# cuBLAS's bfloat16 matmul with a float32 result (tensor cores), where this torch has it.
+_MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def _embed(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +67,17 @@ def rkd_angle_ref(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(angles_ref(_embed(e_s)), a_t)
 
 
+def rkd_ref(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
+            angle_weight: float = 50.0) -> torch.Tensor:
+    """``dist_weight·L_distance + angle_weight·L_angle``; a term of weight 0 is not computed."""
+    loss = e_s.new_zeros((), dtype=acc_dtype(torch.promote_types(e_s.dtype, e_t.dtype)))
+    if dist_weight:
+        loss = loss + dist_weight * rkd_distance_ref(e_s, e_t)
+    if angle_weight:
+        loss = loss + angle_weight * rkd_angle_ref(e_s, e_t)
+    return loss
+
+
 def _pkt_probabilities(e: torch.Tensor, eps: float) -> torch.Tensor:
     x = e / (e.pow(2).sum(1, keepdim=True).sqrt() + eps)
     x = torch.nan_to_num(x, nan=0.0)
@@ -69,3 +100,216 @@ def similarity_preserving_ref(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2
     g_s = F.normalize(e_s @ e_s.t(), p=p, dim=1)
     g_t = F.normalize(e_t @ e_t.t(), p=p, dim=1)
     return F.mse_loss(g_s, g_t)
+
+
+# --- Gram matrices and the backward matmul ---
+
+def coincidence_tol(dtype: torch.dtype, width: int) -> float:
+    """Relative squared distance under which RKD counts two samples as one."""
+    return COINCIDENCE_ROUNDINGS * torch.finfo(dtype).eps * math.sqrt(width)
+
+
+def _split_matmuls(x: torch.Tensor) -> bool:
+    """Whether the matmuls on x run as bfloat16 tensor-core products (see _gram)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_FLOAT32_OUT
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bfloat16 ``a @ b`` with float32 accumulation and result (exact products)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the same numbers, for testing the split on the CPU
+
+
+def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x as hi + lo, two bfloat16 tensors (x - hi - lo is ~2^-18 |x|)."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def _gram(x: torch.Tensor, split: bool) -> torch.Tensor:
+    """``x xᵀ`` in float32 (float64), x in that dtype or bfloat16.
+
+    With ``split`` (low-precision inputs on a GPU) the float32 product runs on tensor cores
+    as ``hi hiᵀ + C + Cᵀ``, ``C = hi loᵀ`` (bfloat16 hi/lo halves of x, float32 results;
+    relative error ~2^-17 per product): two bfloat16 matmuls instead of one float32 one.
+    """
+    if not split:
+        return x @ x.t()
+    if x.dtype == torch.bfloat16:  # exact in bfloat16 already
+        return _mm_float32(x, x.t())
+    hi, lo = _split_bf16(x.float())
+    cross = _mm_float32(hi, lo.t())
+    return _mm_float32(hi, hi.t()).add_(cross).add_(cross.t())
+
+
+def _grad_matmul(S: torch.Tensor, y: torch.Tensor, split: bool) -> torch.Tensor:
+    """``S y`` in S's dtype: the input gradient from S = dL/dG + dL/dGᵀ."""
+    if not split:
+        return S @ y.to(S.dtype)
+    s_hi, s_lo = _split_bf16(S)
+    if y.dtype == torch.bfloat16:
+        return _mm_float32(s_hi, y).add_(_mm_float32(s_lo, y))
+    y_hi, y_lo = _split_bf16(y.float())
+    return _mm_float32(s_hi, y_hi).add_(_mm_float32(s_hi, y_lo)).add_(_mm_float32(s_lo, y_hi))
+
+
+def _operand(e: torch.Tensor, acc: torch.dtype, split: bool) -> torch.Tensor:
+    """e as the Gram's operand: in acc dtype, or kept in bfloat16 for the split matmul."""
+    return e if split and e.dtype == torch.bfloat16 else e.to(acc)
+
+
+def _centred(e: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    x = e.to(acc)
+    return x - x.mean(0, keepdim=True)
+
+
+def _float_matmuls(x: torch.Tensor):
+    """Autocast off: the Grams and the gradient keep the dtypes chosen here, also when a
+    loss is called inside an autocast region."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _kernel(name: str, backend: str):
+    if backend == "triton":
+        from ..triton import relational as triton_relational
+        return getattr(triton_relational, name)
+    return getattr(torch.ops.kdfast_C, name)
+
+
+def _common_acc(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.dtype:
+    return acc_dtype(torch.promote_types(e_s.dtype, e_t.dtype))
+
+
+# --- custom ops ---
+
+@torch.library.custom_op("kdfast::rkd", mutates_args=())
+def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float, angle_weight: float, compute_grad: bool,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RKD on embeddings [B, D_s], [B, D_t]: (loss, S, centred student X); S and X are
+    empty without compute_grad. The gradient with respect to e_s is S X."""
+    acc = _common_acc(e_s, e_t)
+    with _float_matmuls(e_s):
+        x_s, x_t = _centred(e_s, acc), _centred(e_t, acc)
+        g_s, g_t = _gram(x_s, _split_matmuls(e_s)), _gram(x_t, _split_matmuls(e_t))
+    tol = coincidence_tol(acc, max(e_s.shape[1], e_t.shape[1]))
+    loss, S = _kernel("rkd_gram", backend)(g_s, g_t, dist_weight, angle_weight, tol, compute_grad)
+    return loss, S, x_s if compute_grad else x_s.new_empty(0)
+
+
+@rkd.register_fake
+def _(e_s, e_t, dist_weight, angle_weight, compute_grad, backend):
+    acc = _common_acc(e_s, e_t)
+    B, D = e_s.shape
+    return (e_s.new_empty((), dtype=acc), e_s.new_empty((B, B) if compute_grad else (0,), dtype=acc),
+            e_s.new_empty((B, D) if compute_grad else (0,), dtype=acc))
+
+
+def _rkd_setup_context(ctx, inputs, output):
+    e_s, compute_grad = inputs[0], inputs[4]
+    ctx.compute_grad, ctx.dtype, ctx.split = compute_grad, e_s.dtype, _split_matmuls(e_s)
+    ctx.set_materialize_grads(False)  # S and X are saved for backward, not differentiated
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _rkd_backward(ctx, grad_loss, _S, _X):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return (None,) * 6
+    if not ctx.compute_grad:
+        raise RuntimeError("kdfast: rkd was called with compute_grad=False and cannot backpropagate")
+    S, X = ctx.saved_tensors
+    with _float_matmuls(X):
+        grad = _grad_matmul(scale_saved_grad(S, grad_loss), X, ctx.split)
+    return (grad.to(ctx.dtype),) + (None,) * 5
+
+
+rkd.register_autograd(_rkd_backward, setup_context=_rkd_setup_context)
+
+
+def _gram_pair(e_s: torch.Tensor, e_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uncentred Gram matrices of student and teacher (PKT, similarity)."""
+    acc = _common_acc(e_s, e_t)
+    split_s, split_t = _split_matmuls(e_s), _split_matmuls(e_t)
+    with _float_matmuls(e_s):
+        return _gram(_operand(e_s, acc, split_s), split_s), _gram(_operand(e_t, acc, split_t), split_t)
+
+
+@torch.library.custom_op("kdfast::pkt", mutates_args=())
+def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float, compute_grad: bool,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PKT on embeddings [B, D_s], [B, D_t]: (loss, S or empty); the gradient is S e_s."""
+    g_s, g_t = _gram_pair(e_s, e_t)
+    return _kernel("pkt_gram", backend)(g_s, g_t, eps, compute_grad)
+
+
+@torch.library.custom_op("kdfast::similarity_preserving", mutates_args=())
+def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float, compute_grad: bool,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity preserving on flattened features [B, D_s], [B, D_t]: (loss, S or empty)."""
+    g_s, g_t = _gram_pair(f_s, f_t)
+    return _kernel("similarity_gram", backend)(g_s, g_t, p, compute_grad)
+
+
+def _gram_loss_fake(e_s, e_t, option, compute_grad, backend):
+    acc = _common_acc(e_s, e_t)
+    B = e_s.shape[0]
+    return e_s.new_empty((), dtype=acc), e_s.new_empty((B, B) if compute_grad else (0,), dtype=acc)
+
+
+def _gram_loss_setup_context(ctx, inputs, output):
+    e_s, compute_grad = inputs[0], inputs[3]
+    ctx.compute_grad, ctx.split = compute_grad, _split_matmuls(e_s)
+    ctx.set_materialize_grads(False)  # S is saved for backward, not differentiated
+    ctx.save_for_backward(output[1], e_s)
+
+
+def _gram_loss_backward(ctx, grad_loss, _S):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return (None,) * 5
+    if not ctx.compute_grad:
+        raise RuntimeError("kdfast: this relational op was called with compute_grad=False and cannot backpropagate")
+    S, e_s = ctx.saved_tensors
+    with _float_matmuls(e_s):
+        grad = _grad_matmul(scale_saved_grad(S, grad_loss), e_s, ctx.split)
+    return (grad.to(e_s.dtype),) + (None,) * 4
+
+
+for _op in (pkt, similarity_preserving):
+    _op.register_fake(_gram_loss_fake)
+    _op.register_autograd(_gram_loss_backward, setup_context=_gram_loss_setup_context)
+
+
+# --- entry points (inputs validated by kdfast.functional) ---
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _compute_grad(e_s: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and e_s.requires_grad
+
+
+def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
+    """Weighted RKD distance + angle from one Gram matrix per model."""
+    e_t = e_t.detach()
+    backend = select_backend(op, KERNELS, e_s.device)
+    if backend == "torch":
+        return rkd_ref(e_s, e_t, dist_weight, angle_weight)
+    loss, _, _ = rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), _compute_grad(e_s), backend)
+    return loss
+
+
+def pkt_loss(e_s, e_t, eps=1e-7):
+    e_t = e_t.detach()
+    backend = select_backend("pkt", KERNELS, e_s.device)
+    if backend == "torch":
+        return pkt_ref(e_s, e_t, eps)
+    return pkt(_flat(e_s), _flat(e_t), float(eps), _compute_grad(e_s), backend)[0]
+
+
+def similarity_preserving_loss(f_s, f_t, p=2):
+    f_t = f_t.detach()
+    backend = select_backend("similarity_preserving", KERNELS, f_s.device)
+    if backend == "torch" or not math.isfinite(p):  # the kernels take a finite p
+        return similarity_preserving_ref(f_s, f_t, p)
+    return similarity_preserving(_flat(f_s), _flat(f_t), float(p), _compute_grad(f_s), backend)[0]

@@ -1,0 +1,107 @@
+"""One training epoch of a fastai Learner with fasterai's KnowledgeDistillationCallback vs
+kdfast's, on the same data, teacher and student (and the student alone, for reference).
+
+Data: scikit-learn's digits, 1437 training images upscaled to 32×32 (3 channels), batch 64,
+held in memory so that image decoding does not blur the comparison. Teacher: ResNet-18.
+Students: a tiny CNN and a ResNet-18. Loss: SoftTarget (each library's), weight 0.5.
+A provider is one epoch of ``Learner.fit`` (training only: validation is skipped).
+Needs fastai and fasterai (the test extras); without them there are no cases.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.harness import Case, Floor
+
+N_TRAIN, SIZE, BS = 1437, 32, 64
+
+
+def digits_items(size: int, n: int):
+    """(image [3, size, size], label) pairs: digits scaled to [0, 1], upscaled bilinearly."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(digits.images), generator=g)[:n]
+    x = torch.tensor(digits.images, dtype=torch.float32)[order].unsqueeze(1) / 16
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = ((x - 0.5) / 0.5).contiguous()
+    y = torch.tensor(digits.target, dtype=torch.long)[order]
+    return list(zip(x, y))
+
+
+def tiny_cnn(n_out: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, n_out))
+
+
+def _student(name: str) -> nn.Module:
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    return tiny_cnn() if name == "tiny_cnn" else resnet18(num_classes=10)
+
+
+def _providers(student_name: str, device: str):
+    import fastai.callback.all  # noqa: F401  (the default callbacks, as in any fastai script)
+    from fastai.callback.core import Callback, CancelValidException
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from torchvision.models import resnet18
+
+    class TrainOnly(Callback):
+        def before_validate(self):
+            raise CancelValidException()
+
+    items = digits_items(SIZE, N_TRAIN)
+
+    def build(make_callback):
+        def provider():
+            dls = DataLoaders(DataLoader(items, bs=BS, shuffle=True, drop_last=True),
+                              DataLoader(items[:BS], bs=BS), device=torch.device(device))
+            torch.manual_seed(1)
+            teacher = resnet18(num_classes=10).to(device).eval()
+            cbs = [TrainOnly()]
+            if make_callback is not None:
+                cbs.append(make_callback(teacher))
+            learn = Learner(dls, _student(student_name).to(device), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+
+            def run():
+                with learn.no_bar(), learn.no_logging():
+                    learn.fit(1, 1e-3)
+            return run
+        return provider
+
+    def fasterai(teacher):
+        from fasterai.distill.distillation_callback import KnowledgeDistillationCallback
+        from fasterai.distill.losses import SoftTarget
+        return KnowledgeDistillationCallback(teacher, SoftTarget)
+
+    def kdfast(teacher):
+        from kdfast.fastai import KnowledgeDistillationCallback
+        from kdfast.losses import SoftTarget
+        return KnowledgeDistillationCallback(teacher, SoftTarget)
+
+    return {"student-alone": build(None), "fasterai-callback": build(fasterai), "kdfast-callback": build(kdfast)}
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    try:
+        import fastai  # noqa: F401
+        import fasterai  # noqa: F401
+        import sklearn  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as e:
+        print(f"callback benchmark skipped: {e} (needs fastai, fasterai, scikit-learn, torchvision)")
+        return []
+    floors = {"tiny_cnn": 2.5, "resnet18": 1.3}
+    return [Case(f"kd_callback_epoch[{student}]", {"images": N_TRAIN, "size": SIZE, "bs": BS}, torch.float32, device,
+                 _providers(student, device), floors=[Floor("kdfast-callback", "fasterai-callback", floor)],
+                 note=f"one training epoch of Learner.fit; teacher resnet18, student {student}, SoftTarget, "
+                      f"weight 0.5")
+            for student, floor in floors.items()]

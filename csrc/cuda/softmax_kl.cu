@@ -1,0 +1,527 @@
+// Fused temperature-softmax KL on CUDA GPUs (math: softmax_kl_math.h).
+//
+// Every kernel keeps, per row, an online max and sum of exp((x - M)/T) for the student and
+// the teacher plus the teacher-weighted gap sum, merges them across threads, finishes the
+// row (loss, gradient constants a, b) and writes grad_j = a e_s,j - b e_t,j:
+//   rows kernel     one block per row with contiguous classes; 16-byte loads; the row is
+//                   kept in shared memory when it fits, so the gradient pass re-reads
+//                   nothing from HBM (traffic: read s, read t, write grad);
+//   cluster kernel  (sm_90) rows too large for one block's shared memory are split over a
+//                   thread-block cluster of up to 8 blocks, each caching its slice; the
+//                   blocks merge their statistics through distributed shared memory;
+//   columns kernel  rows contiguous with each other, classes strided (e.g. [B, C, H, W]
+//                   with dim=1): one thread per row, neighbouring threads on neighbouring
+//                   rows, so every load is coalesced.
+// exp is computed as exp2((x - M) * log2(e)/T): one MUFU instruction.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <type_traits>
+
+#include "../softmax_kl.h"
+
+namespace kdfast {
+namespace {
+
+constexpr int kCacheBudget = 100 * 1024;  // shared-memory bytes a block may use to cache its row
+constexpr int kMaxCluster = 8;            // portable thread-block cluster size
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t exp2_(acc_t x) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return exp2(x);
+  } else {
+    return exp2f(x);
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename scalar_t, typename acc_t>
+struct Params {
+  const scalar_t* s;
+  const scalar_t* t;
+  scalar_t* grad;            // nullptr: no gradient
+  const int64_t* target;     // nullptr: no target
+  acc_t* row_loss;
+  const double* scale;       // d(reduced loss)/d(row loss), on the device
+  int64_t V, I, rows;
+  int64_t s_sa, s_si, s_sv, t_sa, t_si, t_sv, g_sa, g_si, g_sv, r_sa, r_si;
+  acc_t T, k, inv_T, alpha, beta;  // k = log2(e) / T
+  int64_t ignore_index;
+  bool decoupled;
+};
+
+// Running statistics of (part of) a row: maxima of the raw logits, sums of exp((x - M)/T),
+// and the teacher-weighted gap sum, all relative to the current maxima.
+template <typename acc_t>
+struct RowAccum {
+  acc_t m_s, z_s, m_t, z_t, c;
+
+  __device__ static RowAccum empty() { return {neg_inf<acc_t>(), 0, neg_inf<acc_t>(), 0, 0}; }
+
+  // exp((m_old - m_new)/T), with nothing seen yet (-inf) weighing 0.
+  __device__ static acc_t rescale(acc_t m_old, acc_t m_new, acc_t k) {
+    return m_old == neg_inf<acc_t>() ? acc_t(0) : exp2_((m_old - m_new) * k);
+  }
+
+  // Adds n elements; excluded classes arrive as -inf in both (probability 0).
+  template <int N>
+  __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, acc_t k, acc_t inv_T) {
+    acc_t ms = m_s, mt = m_t;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        ms = xs[i] > ms ? xs[i] : ms;  // NaN never becomes the max; it reaches the sums below
+        mt = xt[i] > mt ? xt[i] : mt;
+      }
+    }
+    if (ms > m_s) {
+      z_s *= rescale(m_s, ms, k);
+      m_s = ms;
+    }
+    if (mt > m_t) {
+      const acc_t f = rescale(m_t, mt, k);
+      z_t *= f;
+      c *= f;
+      m_t = mt;
+    }
+    const acc_t ref_s = m_s == neg_inf<acc_t>() ? acc_t(0) : m_s;
+    const acc_t ref_t = m_t == neg_inf<acc_t>() ? acc_t(0) : m_t;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        z_s += exp2_((xs[i] - ref_s) * k);
+        const acc_t e_t = exp2_((xt[i] - ref_t) * k);
+        z_t += e_t;
+        if (e_t > acc_t(0)) c += e_t * (xt[i] - xs[i]) * inv_T;  // classes of probability 0 add 0
+      }
+    }
+  }
+
+  __device__ void merge(const RowAccum& o, acc_t k) {
+    const acc_t ms = o.m_s > m_s ? o.m_s : m_s, mt = o.m_t > m_t ? o.m_t : m_t;
+    const acc_t fs = rescale(m_s, ms, k), fos = rescale(o.m_s, ms, k);
+    const acc_t ft = rescale(m_t, mt, k), fot = rescale(o.m_t, mt, k);
+    z_s = z_s * fs + o.z_s * fos;
+    z_t = z_t * ft + o.z_t * fot;
+    c = c * ft + o.c * fot;
+    m_s = ms;
+    m_t = mt;
+  }
+
+  __device__ void shfl_merge(int offset, acc_t k) {
+    RowAccum o;
+    o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
+    o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
+    o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
+    o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
+    o.c = __shfl_xor_sync(0xffffffff, c, offset);
+    merge(o, k);
+  }
+};
+
+// Merges every thread's statistics; the result is valid in thread 0.
+template <typename acc_t>
+__device__ RowAccum<acc_t> block_merge(RowAccum<acc_t> r, acc_t k) {
+  __shared__ RowAccum<acc_t> warp_stats[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k);
+  if (lane == 0) warp_stats[warp] = r;
+  __syncthreads();
+  if (warp == 0) {
+    r = lane < (blockDim.x + 31) / 32 ? warp_stats[lane] : RowAccum<acc_t>::empty();
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k);
+  }
+  __syncthreads();  // warp_stats may be reused by the caller's next row
+  return r;
+}
+
+// What a row's gradient pass needs, computed by one thread and shared with the block.
+template <typename acc_t>
+struct RowFinish {
+  acc_t a, b, grad_g, m_s, m_t;
+  int64_t g;       // target class excluded from the sums (DecoupledKD), or -1
+  int state;       // 0: normal, 1: ignored row (zeros), 2: invalid label (NaN)
+};
+
+// Row status from the target: ignored, invalid DecoupledKD label, or the class to exclude.
+template <typename scalar_t, typename acc_t>
+__device__ RowFinish<acc_t> row_status(const Params<scalar_t, acc_t>& p, int64_t out) {
+  RowFinish<acc_t> f{};
+  f.g = -1;
+  if (p.target != nullptr) {
+    const int64_t label = p.target[out];
+    if (label == p.ignore_index) {
+      f.state = 1;
+    } else if (p.decoupled) {
+      if (label < 0 || label >= p.V) {
+        f.state = 2;
+      } else {
+        f.g = label;
+      }
+    }
+  }
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ RowFinish<acc_t> finish(const Params<scalar_t, acc_t>& p, const RowAccum<acc_t>& r,
+                                   RowFinish<acc_t> f, const scalar_t* sr, const scalar_t* tr,
+                                   int64_t out, bool write_loss) {
+  SoftmaxKLRowStats<acc_t> st{r.m_s, r.z_s, r.m_t, r.z_t, r.c, acc_t(0), acc_t(0)};
+  if (f.g >= 0) {
+    st.s_g = static_cast<acc_t>(sr[f.g * p.s_sv]);
+    st.t_g = static_cast<acc_t>(tr[f.g * p.t_sv]);
+  }
+  const auto res = softmax_kl_finish_row<acc_t>(st, p.T, p.decoupled, p.alpha, p.beta,
+                                                static_cast<acc_t>(*p.scale));
+  if (write_loss) p.row_loss[out] = res.loss;
+  f.a = res.a;
+  f.b = res.b;
+  f.grad_g = res.grad_g;
+  f.m_s = r.m_s;
+  f.m_t = r.m_t;
+  return f;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_value(const RowFinish<acc_t>& f, acc_t xs, acc_t xt, int64_t j,
+                                            acc_t k) {
+  if (f.state == 1) return acc_t(0);
+  if (f.state == 2) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (j == f.g) return f.grad_g;
+  return f.a * exp2_((xs - f.m_s) * k) - f.b * exp2_((xt - f.m_t) * k);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Loads n <= N consecutive elements (16-byte vector loads when kVec and n == N).
+template <int N, bool kVec, typename scalar_t>
+__device__ __forceinline__ void load_pack(const scalar_t* ptr, int64_t j0, int n, scalar_t (&x)[N]) {
+  if (kVec && n == N) {
+    const Pack<scalar_t, N> v = *reinterpret_cast<const Pack<scalar_t, N>*>(ptr + j0);
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = v.v[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = i < n ? ptr[j0 + i] : scalar_t(0);
+  }
+}
+
+// The logits as acc_t; padding lanes and the excluded class g become -inf (probability 0).
+template <int N, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void to_acc(const scalar_t (&x)[N], int64_t j0, int n, int64_t g, acc_t (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = (i < n && j0 + i != g) ? static_cast<acc_t>(x[i]) : neg_inf<acc_t>();
+}
+
+template <int N, bool kVec, typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* ptr, int64_t j0, int n, const scalar_t (&x)[N]) {
+  if (kVec && n == N) {
+    Pack<scalar_t, N> v;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v.v[i] = x[i];
+    *reinterpret_cast<Pack<scalar_t, N>*>(ptr + j0) = v;
+  } else {
+    for (int i = 0; i < n; ++i) ptr[j0 + i] = x[i];
+  }
+}
+
+// One block per row; classes contiguous. kCache: the row stays in shared memory between
+// the statistics pass and the gradient pass.
+template <typename scalar_t, typename acc_t, bool kVec, bool kCache>
+__global__ void softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
+  constexpr int N = kVec ? 16 / sizeof(scalar_t) : 1;
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
+  scalar_t* t_cache = s_cache + (kCache ? p.V : 0);
+  __shared__ RowFinish<acc_t> shared_finish;
+
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t a = r / p.I, i = r % p.I;
+    const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
+    const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
+    const int64_t out = a * p.r_sa + i * p.r_si;
+    RowFinish<acc_t> status = row_status(p, out);
+    if (status.state == 0) {
+      RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
+      for (int64_t j0 = int64_t(threadIdx.x) * N; j0 < p.V; j0 += int64_t(blockDim.x) * N) {
+        const int n = static_cast<int>(imin(N, p.V - j0));
+        scalar_t rs[N], rt[N];
+        load_pack<N, kVec>(sr, j0, n, rs);
+        load_pack<N, kVec>(tr, j0, n, rt);
+        if (kCache) {
+          store_pack<N, kVec>(s_cache, j0, n, rs);
+          store_pack<N, kVec>(t_cache, j0, n, rt);
+        }
+        acc_t xs[N], xt[N];
+        to_acc(rs, j0, n, status.g, xs);
+        to_acc(rt, j0, n, status.g, xt);
+        acc.add(xs, xt, n, p.k, p.inv_T);
+      }
+      acc = block_merge(acc, p.k);
+      if (threadIdx.x == 0) shared_finish = finish(p, acc, status, sr, tr, out, true);
+    } else if (threadIdx.x == 0) {
+      p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      shared_finish = status;
+    }
+    __syncthreads();
+    const RowFinish<acc_t> f = shared_finish;
+    if (p.grad != nullptr) {
+      scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
+      const scalar_t* s_src = kCache ? s_cache : sr;
+      const scalar_t* t_src = kCache ? t_cache : tr;
+      for (int64_t j0 = int64_t(threadIdx.x) * N; j0 < p.V; j0 += int64_t(blockDim.x) * N) {
+        const int n = static_cast<int>(imin(N, p.V - j0));
+        scalar_t rs[N], rt[N];
+        load_pack<N, kVec>(s_src, j0, n, rs);
+        load_pack<N, kVec>(t_src, j0, n, rt);
+        acc_t xs[N], xt[N];
+        to_acc(rs, j0, n, -1, xs);
+        to_acc(rt, j0, n, -1, xt);
+        scalar_t o[N];
+#pragma unroll
+        for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value(f, xs[q], xt[q], j0 + q, p.k));
+        store_pack<N, kVec>(gr, j0, n, o);
+      }
+    }
+    __syncthreads();  // shared_finish and the cache are rewritten by the next row
+  }
+}
+
+// sm_90: a row split over a cluster of `cluster` blocks, each caching a slice of `slice`
+// classes (a multiple of the vector width) in shared memory.
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int N = 16 / sizeof(scalar_t);
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
+  scalar_t* t_cache = s_cache + slice;
+  __shared__ RowAccum<acc_t> block_stats;  // read by the other blocks of the cluster
+  __shared__ RowFinish<acc_t> shared_finish;
+
+  const int64_t r = blockIdx.x / blocks;
+  const int64_t a = r / p.I, i = r % p.I;
+  const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
+  const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
+  const int64_t out = a * p.r_sa + i * p.r_si;
+  const int64_t lo = rank * slice, hi = imin(p.V, lo + slice);
+  RowFinish<acc_t> status = row_status(p, out);  // uniform over the cluster
+  if (status.state == 0) {
+    RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
+    for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+      const int n = static_cast<int>(imin(N, hi - j0));
+      scalar_t rs[N], rt[N];
+      load_pack<N, true>(sr, j0, n, rs);
+      load_pack<N, true>(tr, j0, n, rt);
+      store_pack<N, true>(s_cache, j0 - lo, n, rs);
+      store_pack<N, true>(t_cache, j0 - lo, n, rt);
+      acc_t xs[N], xt[N];
+      to_acc(rs, j0, n, status.g, xs);
+      to_acc(rt, j0, n, status.g, xt);
+      acc.add(xs, xt, n, p.k, p.inv_T);
+    }
+    acc = block_merge(acc, p.k);
+    if (threadIdx.x == 0) block_stats = acc;
+    cluster.sync();  // every block's statistics are visible to the cluster
+    if (threadIdx.x == 0) {
+      RowAccum<acc_t> total = RowAccum<acc_t>::empty();
+      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p.k);
+      shared_finish = finish(p, total, status, sr, tr, out, rank == 0);
+    }
+    cluster.sync();  // no block leaves while another may still read its statistics
+  } else if (threadIdx.x == 0) {
+    if (rank == 0) p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    shared_finish = status;
+  }
+  __syncthreads();
+  const RowFinish<acc_t> f = shared_finish;
+  if (p.grad == nullptr) return;
+  scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
+  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+    const int n = static_cast<int>(imin(N, hi - j0));
+    scalar_t rs[N], rt[N];
+    load_pack<N, true>(s_cache, j0 - lo, n, rs);
+    load_pack<N, true>(t_cache, j0 - lo, n, rt);
+    acc_t xs[N], xt[N];
+    to_acc(rs, j0, n, -1, xs);
+    to_acc(rt, j0, n, -1, xt);
+    scalar_t o[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value(f, xs[q], xt[q], j0 + q, p.k));
+    store_pack<N, true>(gr, j0, n, o);
+  }
+#endif
+}
+
+// One thread per row; neighbouring threads take neighbouring rows (stride_i == 1).
+template <typename scalar_t, typename acc_t>
+__global__ void softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.rows;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t a = r / p.I, i = r % p.I;
+    const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
+    const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
+    const int64_t out = a * p.r_sa + i * p.r_si;
+    RowFinish<acc_t> f = row_status(p, out);
+    if (f.state == 0) {
+      RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
+      for (int64_t j = 0; j < p.V; ++j) {
+        acc_t xs[1] = {static_cast<acc_t>(sr[j * p.s_sv])}, xt[1] = {static_cast<acc_t>(tr[j * p.t_sv])};
+        if (j == f.g) xs[0] = xt[0] = neg_inf<acc_t>();
+        acc.add(xs, xt, 1, p.k, p.inv_T);
+      }
+      f = finish(p, acc, f, sr, tr, out, true);
+    } else {
+      p.row_loss[out] = f.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    if (p.grad == nullptr) continue;
+    scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
+    for (int64_t j = 0; j < p.V; ++j) {
+      const acc_t xs = static_cast<acc_t>(sr[j * p.s_sv]), xt = static_cast<acc_t>(tr[j * p.t_sv]);
+      gr[j * p.g_sv] = static_cast<scalar_t>(grad_value(f, xs, xt, j, p.k));
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+int threads_for(int64_t work_items) {
+  int threads = 128;
+  while (threads < 1024 && threads * 4 < work_items) threads *= 2;
+  return threads;
+}
+
+template <typename scalar_t>
+void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ClassDimView &sv = pr.view, &tv = pr.t_view, &gv = pr.grad_view;
+  Params<scalar_t, acc_t> p;
+  p.s = pr.s.const_data_ptr<scalar_t>();
+  p.t = pr.t.const_data_ptr<scalar_t>();
+  p.grad = pr.compute_grad ? pr.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  p.target = pr.target.defined() ? pr.target.const_data_ptr<int64_t>() : nullptr;
+  p.row_loss = pr.row_loss.mutable_data_ptr<acc_t>();
+  p.scale = scale.const_data_ptr<double>();
+  p.V = sv.V;
+  p.I = sv.I;
+  p.rows = sv.A * sv.I;
+  p.s_sa = sv.stride_a, p.s_si = sv.stride_i, p.s_sv = sv.stride_v;
+  p.t_sa = tv.stride_a, p.t_si = tv.stride_i, p.t_sv = tv.stride_v;
+  p.g_sa = gv.stride_a, p.g_si = gv.stride_i, p.g_sv = gv.stride_v;
+  p.r_sa = sv.row_stride_a, p.r_si = sv.row_stride_i;
+  p.T = static_cast<acc_t>(pr.T);
+  p.inv_T = static_cast<acc_t>(1.0 / pr.T);
+  p.k = static_cast<acc_t>(1.4426950408889634 / pr.T);  // log2(e) / T
+  p.alpha = static_cast<acc_t>(pr.alpha);
+  p.beta = static_cast<acc_t>(pr.beta);
+  p.ignore_index = pr.ignore_index;
+  p.decoupled = pr.decoupled;
+  if (p.rows == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  if (pr.layout == KernelLayout::Columns) {
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((p.rows + threads - 1) / threads, 1 << 20);
+    softmax_kl_columns_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  constexpr int N = 16 / sizeof(scalar_t);
+  const bool vec = p.V % N == 0 && p.s_sa % N == 0 && p.s_si % N == 0 && p.t_sa % N == 0 &&
+                   p.t_si % N == 0 && aligned16(p.s) && aligned16(p.t) &&
+                   (p.grad == nullptr || (p.g_sa % N == 0 && p.g_si % N == 0 && aligned16(p.grad)));
+  const int64_t row_bytes = 2 * p.V * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t blocks = std::min<int64_t>(p.rows, int64_t(1) << 30);
+  const int threads = threads_for(vec ? p.V / N : p.V);
+
+  // sm_90 and a row too large for one block's cache: split it over a cluster.
+  int device = 0, major = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (vec && row_bytes > kCacheBudget && major >= 9) {
+    int cluster = 2;
+    while (cluster < kMaxCluster && row_bytes > int64_t(cluster) * kCacheBudget) cluster *= 2;
+    int64_t slice = (p.V + cluster - 1) / cluster;
+    slice = (slice + N - 1) / N * N;
+    const size_t smem = 2 * slice * sizeof(scalar_t);
+    if (row_bytes <= int64_t(cluster) * kCacheBudget && smem + 1024 <= size_t(smem_optin)) {
+      auto kernel = softmax_kl_cluster_kernel<scalar_t, acc_t>;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(static_cast<unsigned>(p.rows * cluster));
+      config.blockDim = dim3(threads_for(slice / N));
+      config.dynamicSmemBytes = smem;
+      config.stream = stream;
+      cudaLaunchAttribute attribute;
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = cluster;
+      attribute.val.clusterDim.y = 1;
+      attribute.val.clusterDim.z = 1;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int active = 0;
+      if (p.rows * cluster < (int64_t(1) << 31) &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+          cudaOccupancyMaxActiveClusters(&active, kernel, &config) == cudaSuccess && active > 0 &&
+          cudaLaunchKernelEx(&config, kernel, p, slice) == cudaSuccess) {
+        return;
+      }
+      (void)cudaGetLastError();  // clusters unavailable: the rows kernel below reads through L2
+    }
+  }
+  if (row_bytes <= kCacheBudget) {
+    auto kernel = vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, true>
+                      : softmax_kl_rows_kernel<scalar_t, acc_t, false, true>;
+    if (row_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, row_bytes));
+    }
+    kernel<<<blocks, threads, row_bytes, stream>>>(p);
+  } else {
+    auto kernel = vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, false>
+                      : softmax_kl_rows_kernel<scalar_t, acc_t, false, false>;
+    kernel<<<blocks, threads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at::Tensor& t,
+                                                   const std::optional<at::Tensor>& target,
+                                                   const at::Tensor& scale, int64_t dim, double T,
+                                                   int64_t ignore_index, double alpha, double beta,
+                                                   bool decoupled, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  KDFAST_CHECK(scale.is_cuda() && scale.scalar_type() == at::kDouble && scale.numel() == 1,
+               "softmax_kl: scale must be a float64 scalar on the GPU");
+  const SoftmaxKLProblem p =
+      prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
+  KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cuda", [&] { launch<scalar_t>(p, scale); });
+  return {p.row_loss, p.grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast_C, CUDA, m) { m.impl("softmax_kl", &softmax_kl_cuda); }
+
+}  // namespace kdfast

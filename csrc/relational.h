@@ -1,0 +1,25 @@
+// Host-side checks of the relational kernels, shared by the CPU and CUDA implementations
+// (math: relational_math.h). Every kernel takes the student's and the teacher's Gram
+// matrices [B, B] in the accumulation dtype (float32 or float64) and returns the loss
+// (0-dim) and, when asked, S = dL/dG_s + (dL/dG_s)^T.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "common.h"
+#include "relational_math.h"
+
+namespace kdfast {
+
+inline void check_grams(const at::Tensor& g_s, const at::Tensor& g_t, const char* op) {
+  KDFAST_CHECK(g_s.dim() == 2 && g_s.size(0) == g_s.size(1), op,
+               ": the student Gram matrix must be square [B, B], got ", g_s.sizes());
+  KDFAST_CHECK(g_t.sizes() == g_s.sizes(), op, ": student Gram ", g_s.sizes(),
+               " and teacher Gram ", g_t.sizes(), " differ in shape");
+  KDFAST_CHECK(g_s.size(0) >= 2, op, ": needs a batch of at least 2, got ", g_s.size(0));
+  KDFAST_CHECK(g_s.scalar_type() == g_t.scalar_type(), op, ": student and teacher Gram dtypes differ");
+  KDFAST_CHECK(g_s.scalar_type() == at::kFloat || g_s.scalar_type() == at::kDouble, op,
+               ": Gram matrices are float32 or float64, got ", g_s.scalar_type());
+  KDFAST_CHECK(g_s.device() == g_t.device(), op, ": student and teacher Grams on different devices");
+}
+
+}  // namespace kdfast
