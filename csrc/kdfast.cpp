@@ -59,6 +59,12 @@ TORCH_LIBRARY(kdfast_C, m) {
         "bool compute_grad) -> (Tensor, Tensor)");
   m.def("pkt_gram(Tensor G_s, Tensor G_t, float eps, bool compute_grad) -> (Tensor, Tensor)");
   m.def("similarity_gram(Tensor G_s, Tensor G_t, float p, bool compute_grad) -> (Tensor, Tensor)");
+  // Fused attention transfer over layer pairs (csrc/attention_math.h); all maps of a call
+  // share one dtype and device. Forward: the loss summed over the pairs (0-dim, opmath
+  // dtype) and per pair the [B, X] map w = d loss / d(mean_c f_s^p) that backward needs.
+  // Backward: grad_loss * d loss / d f_s for every student map, laid out as empty_like(f_s).
+  m.def("attention_transfer_forward(Tensor[] f_s, Tensor[] f_t, float p) -> (Tensor, Tensor[])");
+  m.def("attention_transfer_backward(Tensor grad_loss, Tensor[] f_s, Tensor[] maps, float p) -> Tensor[]");
 }
 
 // `import kdfast._C` loads this library, which registers the operators above.

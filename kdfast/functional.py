@@ -11,6 +11,8 @@ student's is 0 the KL is ``+inf``. A ``+inf`` logit has no softmax: NaN.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks as checks
@@ -73,26 +75,61 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
                            normalize=bool(normalize), op=op)
 
 
-def _check_features(f_s, f_t, op, min_dim=3):
-    checks.check_pair(f_s, f_t, op, "f_s", "f_t", same_shape=False)
-    for name, f in (("f_s", f_s), ("f_t", f_t)):
-        if f.dim() < min_dim:
+def _attention_pair(name_s, f_s, name_t, f_t, pool, op):
+    """One validated (and, with pool, size-matched) layer pair."""
+    checks.check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
+    for name, f in ((name_s, f_s), (name_t, f_t)):
+        if f.dim() < 3:
             raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
                              f"(or [B, C, *spatial]) to build spatial attention")
+    if f_s.shape[2:] == f_t.shape[2:]:
+        return f_s, f_t
+    if not pool:
+        raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
+                         f"pair layers of the same resolution (kdfast.fastai.match_feature_layers finds them), "
+                         f"or pass pool=True to average-pool the larger map to the smaller one's size")
+    if f_s.dim() != f_t.dim() or f_s.dim() > 5:
+        raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
+                         f"{name_s} {tuple(f_s.shape)} and {name_t} {tuple(f_t.shape)}")
+    return _attention.pool_to_match(f_s, f_t)
 
 
-def attention_transfer(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
-    """Attention transfer for one layer pair: ``a(f) = normalize(mean_c f^p)`` over the
-    spatial positions, loss the mean over (batch, positions) of ``(a_s - a_t)²``.
-    Channel counts may differ; spatial sizes must match."""
-    op = "attention_transfer"
-    _check_features(f_s, f_t, op)
-    if f_s.shape[2:] != f_t.shape[2:]:
-        raise ValueError(f"{op}: spatial sizes differ: f_s {tuple(f_s.shape)} vs f_t {tuple(f_t.shape)}; "
-                         f"pair layers of the same resolution (kdfast.fastai.match_feature_layers finds them)")
-    if not isinstance(p, (int, float)) or p <= 0:
+def _check_power(p, op):
+    if isinstance(p, torch.Tensor) and p.numel() == 1:
+        p = p.item()
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
         raise ValueError(f"{op}: p must be a number > 0, got {p!r}")
-    return _attention.attention_transfer(f_s, f_t, p)
+    return float(p)
+
+
+def attention_transfer(f_s, f_t, p: float = 2, pool: bool = False) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis) as fasterai computes it: per layer pair,
+    ``a(f) = normalize(mean_c f^p)`` over the spatial positions and the mean over (batch,
+    positions) of ``(a_s - a_t)²``; summed over pairs.
+
+    f_s, f_t: feature maps [B, C, H, W] (or [B, C, *spatial]), or equally long lists of them,
+    paired in order (all pairs go to the fused kernels in one call). Channel counts may
+    differ; spatial sizes must match unless ``pool=True``, which average-pools the larger map
+    to the smaller one's size (adaptive average pooling, as RepDistiller does).
+    """
+    op = "attention_transfer"
+    p = _check_power(p, op)
+    if isinstance(f_s, torch.Tensor) or isinstance(f_t, torch.Tensor):
+        pairs = [("f_s", f_s, "f_t", f_t)]
+    else:
+        f_s, f_t = list(f_s), list(f_t)
+        if len(f_s) != len(f_t) or not f_s:
+            raise ValueError(f"{op}: {len(f_s)} student maps and {len(f_t)} teacher maps; pass one teacher "
+                             f"map per student map (at least one pair)")
+        pairs = [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
+    return _attention_transfer_layers(pairs, p, pool, op)
+
+
+def _attention_transfer_layers(pairs, p: float, pool: bool, op: str) -> torch.Tensor:
+    """attention_transfer over named pairs ``(name_s, f_s, name_t, f_t)`` (names for errors)."""
+    p = _check_power(p, op)
+    matched = [_attention_pair(ns, s, nt, t, pool, op) for ns, s, nt, t in pairs]
+    return _attention.attention_transfer_pairs(matched, p, op)
 
 
 def _check_embeddings(e_s, e_t, op):

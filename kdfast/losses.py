@@ -110,14 +110,18 @@ def _sum_pairs(fm_s, fm_t, name, pair_loss):
 
 class Attention(DistillationLoss):
     """Attention transfer (Zagoruyko & Komodakis): per pair ``mse(a_s, a_t)`` with
-    ``a = normalize(f.pow(p).mean(1))`` over the spatial positions; summed over pairs."""
+    ``a = normalize(f.pow(p).mean(1))`` over the spatial positions; summed over pairs (all
+    pairs in one fused call). ``pool=True`` average-pools the larger map of a pair to the
+    smaller one's spatial size instead of raising when they differ."""
 
-    def __init__(self, p: float = 2):
+    def __init__(self, p: float = 2, pool: bool = False):
         super().__init__()
-        self.p = p
+        self.p, self.pool = p, pool
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
-        return _sum_pairs(fm_s, fm_t, "Attention", lambda s, t: KF.attention_transfer(s, t, self.p))
+        pairs = [(f"fm_s[{ks!r}]", s, f"fm_t[{kt!r}]", t)
+                 for ks, s, kt, t in checks.check_layer_dicts(fm_s, fm_t, "Attention")]
+        return KF._attention_transfer_layers(pairs, self.p, self.pool, "Attention")
 
 
 class ActivationBoundaries(DistillationLoss):

@@ -1,15 +1,23 @@
 """Attention transfer (Zagoruyko & Komodakis 2017), fasterai's formulation.
 
 ``attention_map_ref`` / ``attention_transfer_ref`` are the definitions and the torch backend.
+``kdfast::attention_transfer`` runs the fused kernels (C++ CPU, Triton, CUDA) on all layer
+pairs of a step at once: its forward reads every feature map once and keeps, per pair, the
+[B, H·W] map ``w = d loss / d mean_c f_s^p``; its backward (``kdfast::attention_transfer_backward``)
+reads each student map once and writes its gradient once, scaled by the incoming gradient.
+Math and derivation: csrc/attention_math.h.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
+from .._backend import select_backend
 from ._common import acc_dtype
 
-KERNELS = ("torch",)
+KERNELS = ("torch", "cpu", "triton", "cuda")
 
 
 def attention_map_ref(f: torch.Tensor, p: float = 2) -> torch.Tensor:
@@ -23,5 +31,123 @@ def attention_transfer_ref(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -
     return F.mse_loss(attention_map_ref(f_s, p), attention_map_ref(f_t.detach(), p))
 
 
-def attention_transfer(f_s, f_t, p):
-    return attention_transfer_ref(f_s, f_t, p)
+def pool_to_match(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive average pooling of the larger spatial map to the smaller one's size, per
+    spatial dim (RepDistiller's convention for attention transfer between resolutions)."""
+    size = tuple(min(a, b) for a, b in zip(f_s.shape[2:], f_t.shape[2:]))
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+    if tuple(f_s.shape[2:]) != size:
+        f_s = pool(f_s, size)
+    if tuple(f_t.shape[2:]) != size:
+        f_t = pool(f_t, size)
+    return f_s, f_t
+
+
+def _forward_kernels(f_s, f_t, p, backend):
+    if backend == "triton":
+        from ..triton.attention import attention_transfer_forward_triton
+        return attention_transfer_forward_triton(f_s, f_t, p)
+    return torch.ops.kdfast_C.attention_transfer_forward(f_s, f_t, p)
+
+
+def _backward_kernels(grad_loss, f_s, maps, p, backend):
+    if backend == "triton":
+        from ..triton.attention import attention_transfer_backward_triton
+        return attention_transfer_backward_triton(grad_loss, f_s, maps, p)
+    return torch.ops.kdfast_C.attention_transfer_backward(grad_loss, f_s, maps, p)
+
+
+@torch.library.custom_op("kdfast::attention_transfer", mutates_args=())
+def attention_transfer_fused(f_s: list[torch.Tensor], f_t: list[torch.Tensor], p: float,
+                             backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fused attention transfer over layer pairs: (loss summed over the pairs, per pair the
+    [B, X] map w that backward needs). All maps share one dtype and device; backend in
+    cpu / cuda / triton."""
+    return _forward_kernels(f_s, f_t, p, backend)
+
+
+@attention_transfer_fused.register_fake
+def _(f_s, f_t, p, backend):
+    acc = acc_dtype(f_s[0].dtype)
+    return (f_s[0].new_empty((), dtype=acc),
+            [f.new_empty((f.shape[0], math.prod(f.shape[2:])), dtype=acc) for f in f_s])
+
+
+@torch.library.custom_op("kdfast::attention_transfer_backward", mutates_args=())
+def attention_transfer_backward(grad_loss: torch.Tensor, f_s: list[torch.Tensor], maps: list[torch.Tensor],
+                                p: float, backend: str) -> list[torch.Tensor]:
+    """grad_loss · d loss / d f_s for every student map (layout: empty_like(f_s))."""
+    return _backward_kernels(grad_loss, f_s, maps, p, backend)
+
+
+@attention_transfer_backward.register_fake
+def _(grad_loss, f_s, maps, p, backend):
+    return [torch.empty_like(f) for f in f_s]
+
+
+def _setup_context(ctx, inputs, output):
+    f_s, f_t, p, backend = inputs
+    ctx.p, ctx.backend, ctx.pairs = p, backend, len(f_s)
+    ctx.save_for_backward(*f_s, *output[1])
+
+
+def _backward(ctx, grad_loss, grad_maps):
+    saved = ctx.saved_tensors
+    f_s, maps = list(saved[:ctx.pairs]), list(saved[ctx.pairs:])
+    grads = attention_transfer_backward(grad_loss, f_s, maps, ctx.p, ctx.backend)
+    return grads, [None] * ctx.pairs, None, None
+
+
+attention_transfer_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttentionTransfer(torch.autograd.Function):
+    """The same kernels and autograd as the custom op, for eager calls.
+
+    The custom op's autograd wrapper flattens its list arguments on every call, which costs
+    more (~0.3 ms a step on a CPU core) than the kernels themselves at small sizes; eager
+    calls take this direct path, torch.compile traces the custom op.
+    """
+
+    @staticmethod
+    def forward(ctx, p, backend, pairs, *maps):
+        f_s, f_t = list(maps[:pairs]), list(maps[pairs:])
+        loss, w = _forward_kernels(f_s, f_t, p, backend)
+        ctx.p, ctx.backend, ctx.pairs = p, backend, pairs
+        ctx.save_for_backward(*f_s, *w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = ctx.saved_tensors
+        grads = _backward_kernels(grad_loss, list(saved[:ctx.pairs]), list(saved[ctx.pairs:]), ctx.p, ctx.backend)
+        return (None, None, None, *grads) + (None,) * ctx.pairs
+
+
+def attention_transfer_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], p: float,
+                             op: str = "attention_transfer") -> torch.Tensor:
+    """Sum over layer pairs of the attention-transfer loss, on the chosen backend.
+
+    Pairs are validated (and pooled) by kdfast.functional. Teachers are detached; a pair
+    whose dtypes differ is promoted to the common dtype. Pairs sharing device and dtype
+    (usually all of them) go to the fused op in one call.
+    """
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for f_s, f_t in pairs:
+        f_t = f_t.detach()
+        if f_s.dtype != f_t.dtype:
+            common = torch.promote_types(f_s.dtype, f_t.dtype)
+            f_s, f_t = f_s.to(common), f_t.to(common)
+        groups.setdefault((f_s.device, f_s.dtype), []).append((f_s, f_t))
+    total = None
+    for (device, _), group in groups.items():
+        backend = select_backend(op, KERNELS, device)
+        if backend == "torch":
+            loss = sum(attention_transfer_ref(f_s, f_t, p) for f_s, f_t in group)
+        elif torch.compiler.is_compiling():
+            loss, _ = attention_transfer_fused([s for s, _ in group], [t for _, t in group], float(p), backend)
+        else:
+            loss = _EagerAttentionTransfer.apply(float(p), backend, len(group), *(s for s, _ in group),
+                                                 *(t for _, t in group))
+        total = loss if total is None else total + loss
+    return total

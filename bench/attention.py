@@ -1,0 +1,96 @@
+"""Attention transfer forward + backward against fasterai's eager Attention formula and
+torch.compile of it, for one layer pair and for a resnet-like set of three pairs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Case, Floor
+
+import kdfast
+from kdfast import _backend
+from kdfast.functional import attention_transfer
+from kdfast.ops.attention import KERNELS
+
+
+def fasterai_attention(fm_s, fm_t, p=2):
+    """fasterai 0.4.1's Attention loss (the eager formula kdfast replaces), on lists of maps."""
+    total = 0.0
+    for s, t in zip(fm_s, fm_t):
+        a_s = F.normalize(s.pow(p).mean(1), dim=(1, 2))
+        a_t = F.normalize(t.pow(p).mean(1), dim=(1, 2))
+        total += F.mse_loss(a_s, a_t)
+    return total
+
+
+def _inputs(batch, pairs, dtype, device, seed=0):
+    """Student maps (requiring grad) and teacher maps; pairs: (C_s, C_t, H)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    fs = [torch.randn(batch, cs, h, h, device=device, generator=g).to(dtype).requires_grad_() for cs, _, h in pairs]
+    ft = [torch.randn(batch, ct, h, h, device=device, generator=g).to(dtype) for _, ct, h in pairs]
+    return fs, ft
+
+
+def _fwd_bwd(loss_fn, fs, ft):
+    def run():
+        for f in fs:
+            f.grad = None
+        loss_fn(fs, ft).backward()
+    return run
+
+
+def _providers(batch, pairs, dtype, device):
+    def eager():
+        return _fwd_bwd(fasterai_attention, *_inputs(batch, pairs, dtype, device))
+
+    def compiled():
+        return _fwd_bwd(torch.compile(fasterai_attention), *_inputs(batch, pairs, dtype, device))
+
+    def kdfast_backend(name):
+        def build():
+            def loss(fs, ft):
+                with kdfast.use_backend(name):
+                    return attention_transfer(fs, ft)
+            return _fwd_bwd(loss, *_inputs(batch, pairs, dtype, device))
+        return build
+
+    providers = {"fasterai-eager": eager, "torch-compile": compiled}
+    for name in ("torch",) + _backend.BACKENDS[1:]:
+        if _backend.unavailable_reason(name, device, KERNELS) is None and not (name == "triton" and device == "cpu"):
+            providers[f"kdfast-{name}"] = kdfast_backend(name)
+    return providers
+
+
+def _min_bytes(batch, pairs, element_size):
+    """Read f_s, read f_t, write grad_f_s."""
+    return sum(batch * (2 * cs + ct) * h * h for cs, ct, h in pairs) * element_size
+
+
+def _shape(batch, pairs):
+    shape = {"B": batch}
+    for i, (cs, ct, h) in enumerate(pairs, 1):
+        suffix = str(i) if len(pairs) > 1 else ""
+        shape.update({f"Cs{suffix}": cs, f"Ct{suffix}": ct, f"H{suffix}": h, f"W{suffix}": h})
+    return shape
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cpu":
+        dtype = torch.float32
+        batch, pair = (16, (256, 512, 16)) if quick else (64, (256, 512, 16))
+        resnet = [(64, 256, 32), (128, 512, 16), (256, 1024, 8)]  # ResNet-18-like vs ResNet-50-like stages
+        resnet_batch = 8 if quick else 32
+        return [
+            Case("attention_transfer", _shape(batch, [pair]), dtype, device, _providers(batch, [pair], dtype, device),
+                 min_bytes=_min_bytes(batch, [pair], 4),
+                 floors=[Floor("kdfast-cpu", "fasterai-eager", 3.0), Floor("kdfast-cpu", "torch-compile", 1.3)]),
+            Case("attention_transfer", _shape(resnet_batch, resnet), dtype, device,
+                 _providers(resnet_batch, resnet, dtype, device), min_bytes=_min_bytes(resnet_batch, resnet, 4),
+                 note="resnet-like set of three layer pairs in one call (report only)"),
+        ]
+    dtype = torch.bfloat16
+    batch, pair = (32, (256, 512, 56)) if quick else (256, (256, 512, 56))
+    best = ("kdfast-cuda", "kdfast-triton")
+    return [Case("attention_transfer", _shape(batch, [pair]), dtype, device, _providers(batch, [pair], dtype, device),
+                 min_bytes=_min_bytes(batch, [pair], 2),
+                 gbps_floors={p: 0.7 * 4300.0 for p in best})]
