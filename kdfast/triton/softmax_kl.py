@@ -29,7 +29,9 @@ def _xlogy(x, log_y):
     return tl.where(x == 0.0, 0.0, x * log_y)
 
 
-@triton.jit
+# Sizes and outer strides are not specialised (fewer compiled variants); the class and row
+# strides are, so a stride of 1 makes loads contiguous.
+@triton.jit(do_not_specialize=["n_rows", "V", "I", "s_sa", "t_sa", "g_sa", "ignore_index"])
 def _softmax_kl_kernel(
     s_ptr, t_ptr, grad_ptr, target_ptr, loss_ptr, scale_ptr,
     n_rows, V, I,
