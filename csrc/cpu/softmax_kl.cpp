@@ -16,59 +16,10 @@
 #include <vector>
 
 #include "softmax_kl.h"
+#include "vec.h"
 
 namespace kdfast {
 namespace {
-
-using at::vec::Vectorized;
-
-// Loads and stores kStep consecutive elements as lanes of the accumulation type.
-template <typename scalar_t>
-struct Lanes {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kStep = Vec::size();
-  static Vec load(const scalar_t* p, int64_t n = kStep) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return n == kStep ? Vec::loadu(p) : Vec::loadu(p, n);
-    } else {
-      return at::vec::convert<acc_t>(Vectorized<scalar_t>::loadu(p, n));
-    }
-  }
-  static void store(scalar_t* p, const Vec& v, int64_t n = kStep) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      v.store(p, n);
-    } else {
-      at::vec::convert<scalar_t>(v).store(p, n);
-    }
-  }
-};
-
-template <typename acc_t>
-acc_t reduce_max(const Vectorized<acc_t>& v) {
-  acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t l = 1; l < Vectorized<acc_t>::size(); ++l) m = std::max(m, lanes[l]);
-  return m;
-}
-
-template <typename acc_t>
-acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t sum = 0;
-  for (int64_t l = 0; l < Vectorized<acc_t>::size(); ++l) sum += lanes[l];
-  return sum;
-}
-
-// Scratch rows reused by a thread across rows and calls.
-template <typename acc_t>
-acc_t* scratch(int64_t n) {
-  thread_local std::vector<acc_t> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
 
 // Rows layout: row r's classes are contiguous.
 template <typename scalar_t>
