@@ -33,7 +33,7 @@ def run(names: list[str], out: str | None, quick: bool, device: str | None = Non
         print(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(FAMILIES)}")
         return 2
     out = out or default_output(device)
-    warmup, repeat = (1, 3) if quick else ((3, 7) if device == "cpu" else (10, 50))
+    warmup, repeat = (1, 3) if quick else ((3, 11) if device == "cpu" else (5, 25))
     records = []
     for name in names or FAMILIES:
         try:
@@ -42,8 +42,9 @@ def run(names: list[str], out: str | None, quick: bool, device: str | None = Non
             print(f"{name}: skipped ({e})")
             continue
         for case in module.cases(device, quick):
-            records += run_case(case, warmup, repeat)
-    write_records(records, out)
+            case_records = run_case(case, warmup, repeat)
+            write_records(case_records, out)  # case by case: a run cut short keeps what it measured
+            records += case_records
     failed = [r for r in records if r["kind"] != "timing" and not r.get("met")]
     print(f"\n{len(records)} records -> {out}")
     for r in failed:

@@ -181,9 +181,10 @@ def softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, de
     # Neighbouring rows contiguous with each other and classes strided: many rows a program.
     rows_contiguous = (s3.stride(2) if I > 1 else s3.stride(0)) == 1 and s3.stride(1) != 1
     if rows_contiguous:
-        block_r, block_v, warps = 64, min(triton.next_power_of_2(V), 16), 4
-    else:
-        block_r, block_v = 1, min(triton.next_power_of_2(V), 4096 if s.element_size() >= 4 else 8192)
+        block_r, block_v, warps = 64, 16, 4
+    else:  # tile widths in a few steps only: each is a compiled variant
+        block_r = 1
+        block_v = min(max(triton.next_power_of_2(V), 512), 4096 if s.element_size() >= 4 else 8192)
         warps = 16 if block_v >= 4096 else 4
     grid = (triton.cdiv(n_rows, block_r),)
     _softmax_kl_kernel[grid](
