@@ -22,11 +22,7 @@
 #pragma once
 #include <math.h>
 
-#if defined(__CUDACC__)
-#define KDFAST_HD __host__ __device__ __forceinline__
-#else
-#define KDFAST_HD inline
-#endif
+#include "host_device.h"
 
 namespace kdfast {
 

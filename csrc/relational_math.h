@@ -49,13 +49,7 @@
 #pragma once
 #include <cmath>
 
-#ifndef KDFAST_HD
-#if defined(__CUDACC__)
-#define KDFAST_HD __host__ __device__ __forceinline__
-#else
-#define KDFAST_HD inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace kdfast {
 #if !defined(__CUDACC__)

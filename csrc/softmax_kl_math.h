@@ -27,11 +27,7 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define KDFAST_HD __host__ __device__ __forceinline__
-#else
-#define KDFAST_HD inline
-#endif
+#include "host_device.h"
 
 namespace kdfast {
 
