@@ -3,24 +3,14 @@ torch.compile of it, for one layer pair and for a resnet-like set of three pairs
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from bench.harness import Case, Floor
+from bench.peers import fasterai_attention
 
 import kdfast
 from kdfast import _backend
 from kdfast.functional import attention_transfer
 from kdfast.ops.attention import KERNELS
-
-
-def fasterai_attention(fm_s, fm_t, p=2):
-    """fasterai 0.4.1's Attention loss (the eager formula kdfast replaces), on lists of maps."""
-    total = 0.0
-    for s, t in zip(fm_s, fm_t):
-        a_s = F.normalize(s.pow(p).mean(1), dim=(1, 2))
-        a_t = F.normalize(t.pow(p).mean(1), dim=(1, 2))
-        total += F.mse_loss(a_s, a_t)
-    return total
 
 
 def _inputs(batch, pairs, dtype, device, seed=0):

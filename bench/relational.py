@@ -1,5 +1,5 @@
 """Relational losses (RKD distance + angle, PKT, similarity preserving) forward + backward:
-the canonical eager implementations side by side with kdfast's backends (one Gram matrix
+the canonical eager implementations (bench/peers.py) side by side with kdfast's backends (one Gram matrix
 per model and fused kernels) and, on the CPU, torch.compile of the eager code.
 
 The canonical codes: RKD as lenscloth/RKD and RepDistiller write it (the [B, B, D] tensor
@@ -9,68 +9,14 @@ kdfast's torch backend is the same RKD formula as the canonical one, so it is no
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from bench.harness import Case, Floor, MemoryRatio, fwd_bwd
+from bench.peers import canonical_pkt, canonical_rkd, fasterai_similarity
 
 import kdfast
 from kdfast import _backend
 from kdfast import functional as KF
 from kdfast.ops.relational import KERNELS
-
-
-def canonical_pdist(e, squared=False, eps=1e-12):
-    e_square = e.pow(2).sum(dim=1)
-    prod = e @ e.t()
-    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-    if not squared:
-        res = res.sqrt()
-    res = res.clone()
-    res[range(len(e)), range(len(e))] = 0
-    return res
-
-
-def canonical_rkd(student, teacher, dist_ratio=25.0, angle_ratio=50.0):
-    """RKD distance + angle as lenscloth/RKD and RepDistiller compute it."""
-    with torch.no_grad():
-        t_d = canonical_pdist(teacher)
-        t_d = t_d / t_d[t_d > 0].mean()
-    d = canonical_pdist(student)
-    d = d / d[d > 0].mean()
-    loss_d = F.smooth_l1_loss(d, t_d)
-    with torch.no_grad():
-        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-        norm_td = F.normalize(td, p=2, dim=2)
-        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-    sd = student.unsqueeze(0) - student.unsqueeze(1)
-    norm_sd = F.normalize(sd, p=2, dim=2)
-    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-    loss_a = F.smooth_l1_loss(s_angle, t_angle)
-    return dist_ratio * loss_d + angle_ratio * loss_a
-
-
-def canonical_pkt(output_net, target_net, eps=1e-7):
-    """PKT as RepDistiller computes it."""
-    output_net_norm = torch.sqrt(torch.sum(output_net ** 2, dim=1, keepdim=True))
-    output_net = output_net / (output_net_norm + eps)
-    output_net[output_net != output_net] = 0
-    target_net_norm = torch.sqrt(torch.sum(target_net ** 2, dim=1, keepdim=True))
-    target_net = target_net / (target_net_norm + eps)
-    target_net[target_net != target_net] = 0
-    model_similarity = torch.mm(output_net, output_net.transpose(0, 1))
-    target_similarity = torch.mm(target_net, target_net.transpose(0, 1))
-    model_similarity = (model_similarity + 1.0) / 2.0
-    target_similarity = (target_similarity + 1.0) / 2.0
-    model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
-    target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
-    return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
-
-
-def fasterai_similarity(student_flat, teacher_flat, p=2):
-    """fasterai 0.4.1's Similarity for one layer pair."""
-    student_sim = F.normalize(student_flat @ student_flat.t(), p=p, dim=1)
-    teacher_sim = F.normalize(teacher_flat @ teacher_flat.t(), p=p, dim=1)
-    return F.mse_loss(student_sim, teacher_sim)
 
 
 def _inputs(b, d, dtype, device, seed=0):

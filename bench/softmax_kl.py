@@ -6,18 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case, Floor, fwd_bwd
+from bench.peers import fasterai_soft_target
 
 import kdfast
 from kdfast import _backend
 from kdfast.functional import soft_target_kl
 from kdfast.ops.softmax_kl import KERNELS
-
-
-def fasterai_soft_target(pred, teacher_pred, T=4.0):
-    """fasterai 0.4.1's SoftTarget, the eager formula kdfast replaces."""
-    student_soft = F.log_softmax(pred / T, dim=1)
-    teacher_soft = F.softmax(teacher_pred / T, dim=1)
-    return torch.nn.KLDivLoss(reduction="batchmean")(student_soft, teacher_soft) * (T * T)
 
 
 def _inputs(n, v, dtype, device, seed=0):

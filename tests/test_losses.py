@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast import losses as L
+from bench.peers import canonical_pkt, canonical_rkd
 from conftest import assert_close, kernel_backends
 
 fl = pytest.importorskip("fasterai.distill.losses")
@@ -113,54 +114,6 @@ def test_losses_survive_deepcopy_and_pickle():
 
 # --- RKD and PKT against straightforward canonical implementations (lenscloth/RKD, RepDistiller) ---
 
-def canonical_pdist(e, squared=False, eps=1e-12):
-    e_square = e.pow(2).sum(dim=1)
-    prod = e @ e.t()
-    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-    if not squared:
-        res = res.sqrt()
-    res = res.clone()
-    res[range(len(e)), range(len(e))] = 0
-    return res
-
-
-def canonical_rkd(student, teacher, dist_ratio=25, angle_ratio=50):
-    student, teacher = student.view(student.shape[0], -1), teacher.view(teacher.shape[0], -1)
-    with torch.no_grad():
-        t_d = canonical_pdist(teacher)
-        t_d = t_d / t_d[t_d > 0].mean()
-    d = canonical_pdist(student)
-    d = d / d[d > 0].mean()
-    loss_d = F.smooth_l1_loss(d, t_d)
-    with torch.no_grad():
-        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
-        norm_td = F.normalize(td, p=2, dim=2)
-        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
-    sd = student.unsqueeze(0) - student.unsqueeze(1)
-    norm_sd = F.normalize(sd, p=2, dim=2)
-    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
-    loss_a = F.smooth_l1_loss(s_angle, t_angle)
-    return dist_ratio * loss_d + angle_ratio * loss_a
-
-
-def canonical_pkt(output_net, target_net, eps=0.0000001):
-    output_net = output_net.view(output_net.shape[0], -1)
-    target_net = target_net.view(target_net.shape[0], -1)
-    output_net_norm = torch.sqrt(torch.sum(output_net ** 2, dim=1, keepdim=True))
-    output_net = output_net / (output_net_norm + eps)
-    output_net[output_net != output_net] = 0
-    target_net_norm = torch.sqrt(torch.sum(target_net ** 2, dim=1, keepdim=True))
-    target_net = target_net / (target_net_norm + eps)
-    target_net[target_net != target_net] = 0
-    model_similarity = torch.mm(output_net, output_net.transpose(0, 1))
-    target_similarity = torch.mm(target_net, target_net.transpose(0, 1))
-    model_similarity = (model_similarity + 1.0) / 2.0
-    target_similarity = (target_similarity + 1.0) / 2.0
-    model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
-    target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
-    return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
-
-
 RELATIONAL_CASES = [(2, False), (3, False), (9, False), (4, True), (9, True)]
 
 
@@ -210,3 +163,16 @@ def test_rkd_weights():
     only_distance = L.RKD(dist_weight=1, angle_weight=0)(fm_s=fm_s, fm_t=fm_t)
     only_angle = L.RKD(dist_weight=0, angle_weight=1)(fm_s=fm_s, fm_t=fm_t)
     assert_close(L.RKD(fm_s=fm_s, fm_t=fm_t), 25 * only_distance + 50 * only_angle, 1e-6)
+
+
+def test_benchmark_peers_are_fasterai():
+    """The eager formulas the benchmarks time (bench/peers.py) are fasterai's losses."""
+    from bench.peers import fasterai_attention, fasterai_similarity, fasterai_soft_target
+    s, t = randn(16, 10, seed=1, scale=3), randn(16, 10, seed=2, scale=3)
+    assert_close(fasterai_soft_target(s, t, T=4.0), fl.SoftTarget(s, t, T=4.0), 1e-6)
+    fm_s, fm_t = features([3, 5], seed=10), features([6, 2], seed=20)
+    assert_close(fasterai_attention(list(fm_s.values()), list(fm_t.values())),
+                 fl.Attention(fm_s, fm_t), 1e-6)
+    flat = lambda fm: [v.flatten(1) for v in fm.values()]  # noqa: E731
+    assert_close(sum(fasterai_similarity(a, b) for a, b in zip(flat(fm_s), flat(fm_t))),
+                 fl.Similarity(fm_s, fm_t, pred=None), 1e-6)

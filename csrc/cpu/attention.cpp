@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "huge_pages.h"
 #include "vec.h"
 
 namespace kdfast {
@@ -428,7 +429,10 @@ std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_l
     // stores: no read of each destination line before it is written (a third of the
     // backward's traffic), and the caches keep what they held (e.g. the next maps).
     int64_t grad_bytes = 0;
-    for (const at::Tensor& g : prob.out) grad_bytes += g.nbytes();
+    for (const at::Tensor& g : prob.out) {
+      grad_bytes += g.nbytes();
+      advise_huge_pages(g);
+    }
     const bool stream = grad_bytes > at::get_num_threads() * (int64_t(2) << 20);
     for (size_t i = 0; i < prob.f_s.size(); ++i) {
       const FeatureView &vf = prob.v_f[i], &vg = prob.v_g[i];

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "huge_pages.h"
 #include "softmax_kl.h"
 #include "vec.h"
 
@@ -233,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at:
   const SoftmaxKLProblem p =
       prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
   const double grad_scale = scale.item<double>();
+  advise_huge_pages(p.grad);
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cpu", [&] {
     if (p.layout == KernelLayout::Rows) {
       softmax_kl_rows<scalar_t>(p, grad_scale);

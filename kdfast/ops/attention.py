@@ -88,10 +88,13 @@ def _(grad_loss, f_s, maps, p, backend):
 def _setup_context(ctx, inputs, output):
     f_s, f_t, p, backend = inputs
     ctx.p, ctx.backend, ctx.pairs = p, backend, len(f_s)
+    ctx.set_materialize_grads(False)  # the maps are saved for backward, not differentiated
     ctx.save_for_backward(*f_s, *output[1])
 
 
 def _backward(ctx, grad_loss, grad_maps):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return [None] * ctx.pairs, [None] * ctx.pairs, None, None
     saved = ctx.saved_tensors
     f_s, maps = list(saved[:ctx.pairs]), list(saved[ctx.pairs:])
     grads = attention_transfer_backward(grad_loss, f_s, maps, ctx.p, ctx.backend)

@@ -117,10 +117,15 @@ def _(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, reduction, com
 def _setup_context(ctx, inputs, output):
     s, t, target, dim, T, ignore_index, decoupled, alpha, beta, reduction, compute_grad, backend = inputs
     ctx.dim, ctx.reduction, ctx.compute_grad = dim, reduction, compute_grad
+    # The gradient output is saved, not differentiated: without this, autograd would hand
+    # backward a zero-filled tensor of s's size for it (a full extra write of the logits).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_loss, _):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return (None,) * 12
     if not ctx.compute_grad:
         raise RuntimeError("kdfast: softmax_kl was called with compute_grad=False and cannot backpropagate")
     (grad,) = ctx.saved_tensors
