@@ -1,11 +1,28 @@
 """Test setup: Triton runs interpreted on the CPU when there is no GPU (set before any
-import of triton), and helpers shared by the kernel tests."""
+import of triton), an inductor cache per version of kdfast's ops, and helpers shared by
+the kernel tests."""
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _ops_digest() -> str:
+    """A hash of kdfast's op definitions. Inductor's graph cache does not notice a changed
+    fake kernel (e.g. an op output's new shape) and would replay the old graph."""
+    package = pathlib.Path(__file__).resolve().parent.parent / "kdfast"
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("ops/*.py"), *package.glob("triton/*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"kdfast-inductor-{_ops_digest()}"))
 
 import pytest  # noqa: E402
 

@@ -2,7 +2,8 @@
 
 softmax-KL computes its gradient in the forward pass and only scales it in backward, so
 its backward creates no tensor of the logits' size at all; attention transfer creates one
-gradient per feature map; the relational ops one gradient of the embeddings' size. The
+gradient per feature map; the relational ops one gradient of the embeddings' size (RKD
+also its centred embeddings, recomputed rather than kept from the forward pass). The
 outputs that are saved for backward and not differentiated (softmax-KL's gradient, the
 attention maps, the relation matrices) must not be handed to backward as zero-filled
 tensors of their size.
@@ -58,7 +59,7 @@ CASES = [  # name, kernels, inputs, loss, largest new tensors allowed in backwar
      lambda s, t: KF.decoupled_kd(s, t, torch.arange(s.shape[0]) % s.shape[1]), 0),
     ("attention_transfer", ATTENTION_KERNELS, _features,
      lambda f_s, f_t: sum(KF.attention_transfer(a, b) for a, b in zip(f_s, f_t)), 2),
-    ("rkd", RELATIONAL_KERNELS, _embeddings, KF.rkd, 1),
+    ("rkd", RELATIONAL_KERNELS, _embeddings, KF.rkd, 2),
     ("pkt", RELATIONAL_KERNELS, _embeddings, KF.pkt, 1),
     ("similarity_preserving", RELATIONAL_KERNELS, _embeddings, KF.similarity_preserving, 1),
 ]

@@ -298,11 +298,35 @@ def test_split_bfloat16_matmuls_keep_float32_accuracy():
     g = torch.Generator().manual_seed(26)
     x = torch.randn(40, 300, generator=g, dtype=torch.float64)
     S = torch.randn(40, 40, generator=g, dtype=torch.float64)
-    gram = op._gram(x.float(), split=True)
+    gram = op._gram_block(x.float(), split=True)
     assert gram.dtype == torch.float32
     assert_close(gram, x @ x.t(), 1e-5, "split Gram")
-    assert_close(op._gram(x.bfloat16(), split=True), x.bfloat16().double() @ x.bfloat16().double().t(), 1e-6,
+    assert_close(op._gram_block(x.bfloat16(), split=True), x.bfloat16().double() @ x.bfloat16().double().t(), 1e-6,
                  "bfloat16 Gram")
-    assert_close(op._grad_matmul(S.float(), x.float(), split=True), S @ x, 1e-5, "split gradient")
-    assert_close(op._grad_matmul(S.float(), x.bfloat16(), split=True), S @ x.bfloat16().double(), 1e-5,
+    assert_close(op._grad_block(S.float(), x.float(), split=True), S @ x, 1e-5, "split gradient")
+    assert_close(op._grad_block(S.float(), x.bfloat16(), split=True), S @ x.bfloat16().double(), 1e-5,
                  "split gradient, bfloat16 input")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss", [KF.rkd, KF.pkt, KF.similarity_preserving], ids=lambda f: f.__name__)
+def test_low_precision_embeddings_converted_in_column_blocks(monkeypatch, dtype, loss):
+    """Low-precision embeddings reach the matmuls in blocks of columns (bounded float32
+    temporaries): the loss and gradient are those of one block, up to float32 rounding."""
+    g = torch.Generator().manual_seed(27)
+    e_s = (torch.randn(7, 45, generator=g) + 3).to(dtype)
+    e_t = (torch.randn(7, 33, generator=g) - 2).to(dtype)
+
+    def run():
+        s = e_s.clone().requires_grad_()
+        with kdfast.use_backend("cpu" if _backend.unavailable_reason("cpu", "cpu", op.KERNELS) is None else "torch"):
+            value = loss(s, e_t)
+        value.backward()
+        return value.detach(), s.grad
+
+    whole = run()
+    monkeypatch.setattr(op, "UPCAST_BLOCK", 7 * 10)  # 10 columns a block: 5 and 4 blocks
+    assert len(op._column_blocks(e_s, torch.float32)) == 5
+    blocks = run()
+    assert_close(blocks[0], whole[0], 1e-5, "loss", floor=1e-3)  # PKT's is ~1e-5: its terms cancel
+    assert_close(blocks[1].double(), whole[1].double(), TOLERANCE[dtype], "gradient")

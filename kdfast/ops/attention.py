@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import select_backend
-from ._common import acc_dtype
+from ._common import acc_dtype, traced
 
 KERNELS = ("torch", "cpu", "triton", "cuda")
 
@@ -147,7 +147,7 @@ def attention_transfer_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], p: 
         backend = select_backend(op, KERNELS, device)
         if backend == "torch":
             loss = sum(attention_transfer_ref(f_s, f_t, p) for f_s, f_t in group)
-        elif torch.compiler.is_compiling():
+        elif traced([x for pair in group for x in pair]):
             loss, _ = attention_transfer_fused([s for s, _ in group], [t for _, t in group], float(p), backend)
         else:
             loss = _EagerAttentionTransfer.apply(float(p), backend, len(group), *(s for s, _ in group),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import select_backend
-from ._common import acc_dtype, scale_saved_grad
+from ._common import acc_dtype, custom_op, eager_autograd, scale_saved_grad
 
 KERNELS = ("torch", "cpu", "triton", "cuda")
 
@@ -28,6 +28,11 @@ KERNELS = ("torch", "cpu", "triton", "cuda")
 # times sqrt(D), count as one (duplicates): RKD gives them the reference's values for equal
 # rows (pdist's 1e-12 clamp, a zero normalised difference) instead of amplified rounding.
 COINCIDENCE_ROUNDINGS = 4.0
+
+# Low-precision embeddings are converted to float32 (or split into bfloat16 halves) for the
+# matmuls in blocks of columns of at most this many elements (16 MB in float32): the extra
+# memory stays bounded whatever the width of the embeddings.
+UPCAST_BLOCK = 1 << 22
 
 # cuBLAS's bfloat16 matmul with a float32 result (tensor cores), where this torch has it.
 _MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")
@@ -127,7 +132,7 @@ def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
-def _gram(x: torch.Tensor, split: bool) -> torch.Tensor:
+def _gram_block(x: torch.Tensor, split: bool) -> torch.Tensor:
     """``x xᵀ`` in float32 (float64), x in that dtype or bfloat16.
 
     With ``split`` (low-precision inputs on a GPU) the float32 product runs on tensor cores
@@ -143,7 +148,7 @@ def _gram(x: torch.Tensor, split: bool) -> torch.Tensor:
     return _mm_float32(hi, hi.t()).add_(cross).add_(cross.t())
 
 
-def _grad_matmul(S: torch.Tensor, y: torch.Tensor, split: bool) -> torch.Tensor:
+def _grad_block(S: torch.Tensor, y: torch.Tensor, split: bool) -> torch.Tensor:
     """``S y`` in S's dtype: the input gradient from S = dL/dG + dL/dGᵀ."""
     if not split:
         return S @ y.to(S.dtype)
@@ -154,14 +159,46 @@ def _grad_matmul(S: torch.Tensor, y: torch.Tensor, split: bool) -> torch.Tensor:
     return _mm_float32(s_hi, y_hi).add_(_mm_float32(s_hi, y_lo)).add_(_mm_float32(s_lo, y_hi))
 
 
-def _operand(e: torch.Tensor, acc: torch.dtype, split: bool) -> torch.Tensor:
-    """e as the Gram's operand: in acc dtype, or kept in bfloat16 for the split matmul."""
+def _column_blocks(e: torch.Tensor, acc: torch.dtype) -> list[slice]:
+    """The column ranges in which e is converted: all of e at once when it is already in
+    the accumulation dtype, else blocks of at most UPCAST_BLOCK elements (bounded memory)."""
+    D = e.shape[1]
+    if e.dtype == acc:
+        return [slice(0, D)]
+    width = max(1, UPCAST_BLOCK // max(e.shape[0], 1))
+    return [slice(c, min(c + width, D)) for c in range(0, D, width)]
+
+
+def _operand(e: torch.Tensor, acc: torch.dtype, split: bool, mean: torch.Tensor | None) -> torch.Tensor:
+    """Columns of e as a matmul operand: minus their mean (RKD), in the accumulation dtype,
+    or kept in bfloat16 for the split matmul."""
+    if mean is not None:
+        return e.to(acc) - mean
     return e if split and e.dtype == torch.bfloat16 else e.to(acc)
 
 
-def _centred(e: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    x = e.to(acc)
-    return x - x.mean(0, keepdim=True)
+def _gram(e: torch.Tensor, acc: torch.dtype, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``X Xᵀ`` in the accumulation dtype, X = e or e - mean, summed over column blocks."""
+    split = _split_matmuls(e)
+    g = None
+    for cols in _column_blocks(e, acc):
+        m = None if mean is None else mean[cols]
+        block = _gram_block(_operand(e[:, cols], acc, split, m), split)
+        g = block if g is None else g.add_(block)
+    return g
+
+
+def _grad(S: torch.Tensor, e: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``S X`` in e's dtype, X = e or e - mean, block by block of columns."""
+    split = _split_matmuls(e)
+    blocks = _column_blocks(e, S.dtype)
+    if len(blocks) == 1:
+        return _grad_block(S, _operand(e, S.dtype, split, mean), split).to(e.dtype)
+    out = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+    for cols in blocks:
+        m = None if mean is None else mean[cols]
+        out[:, cols] = _grad_block(S, _operand(e[:, cols], S.dtype, split, m), split)
+    return out
 
 
 def _float_matmuls(x: torch.Tensor):
@@ -183,18 +220,18 @@ def _common_acc(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.dtype:
 
 # --- custom ops ---
 
-@torch.library.custom_op("kdfast::rkd", mutates_args=())
+@custom_op("kdfast::rkd")
 def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float, angle_weight: float, compute_grad: bool,
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RKD on embeddings [B, D_s], [B, D_t]: (loss, S, centred student X); S and X are
-    empty without compute_grad. The gradient with respect to e_s is S X."""
+    """RKD on embeddings [B, D_s], [B, D_t]: (loss, S, the student's column means μ); S and
+    μ are empty without compute_grad. The gradient with respect to e_s is S (e_s - μ)."""
     acc = _common_acc(e_s, e_t)
+    mean_s, mean_t = e_s.mean(0, dtype=acc), e_t.mean(0, dtype=acc)
     with _float_matmuls(e_s):
-        x_s, x_t = _centred(e_s, acc), _centred(e_t, acc)
-        g_s, g_t = _gram(x_s, _split_matmuls(e_s)), _gram(x_t, _split_matmuls(e_t))
+        g_s, g_t = _gram(e_s, acc, mean_s), _gram(e_t, acc, mean_t)
     tol = coincidence_tol(acc, max(e_s.shape[1], e_t.shape[1]))
     loss, S = _kernel("rkd_gram", backend)(g_s, g_t, dist_weight, angle_weight, tol, compute_grad)
-    return loss, S, x_s if compute_grad else x_s.new_empty(0)
+    return loss, S, mean_s if compute_grad else mean_s.new_empty(0)
 
 
 @rkd.register_fake
@@ -202,39 +239,38 @@ def _(e_s, e_t, dist_weight, angle_weight, compute_grad, backend):
     acc = _common_acc(e_s, e_t)
     B, D = e_s.shape
     return (e_s.new_empty((), dtype=acc), e_s.new_empty((B, B) if compute_grad else (0,), dtype=acc),
-            e_s.new_empty((B, D) if compute_grad else (0,), dtype=acc))
+            e_s.new_empty((D,) if compute_grad else (0,), dtype=acc))
 
 
 def _rkd_setup_context(ctx, inputs, output):
     e_s, compute_grad = inputs[0], inputs[4]
-    ctx.compute_grad, ctx.dtype, ctx.split = compute_grad, e_s.dtype, _split_matmuls(e_s)
-    ctx.set_materialize_grads(False)  # S and X are saved for backward, not differentiated
-    ctx.save_for_backward(output[1], output[2])
+    ctx.compute_grad = compute_grad
+    ctx.set_materialize_grads(False)  # S and μ are saved for backward, not differentiated
+    ctx.save_for_backward(output[1], output[2], e_s)
 
 
-def _rkd_backward(ctx, grad_loss, _S, _X):
+def _rkd_backward(ctx, grad_loss, _S, _mean):
     if grad_loss is None:  # grads are not materialised: no gradient reached the loss
         return (None,) * 6
     if not ctx.compute_grad:
         raise RuntimeError("kdfast: rkd was called with compute_grad=False and cannot backpropagate")
-    S, X = ctx.saved_tensors
-    with _float_matmuls(X):
-        grad = _grad_matmul(scale_saved_grad(S, grad_loss), X, ctx.split)
-    return (grad.to(ctx.dtype),) + (None,) * 5
+    S, mean, e_s = ctx.saved_tensors
+    with _float_matmuls(e_s):
+        grad = _grad(scale_saved_grad(S, grad_loss), e_s, mean)
+    return (grad,) + (None,) * 5
 
 
-rkd.register_autograd(_rkd_backward, setup_context=_rkd_setup_context)
+run_rkd = eager_autograd(rkd, _rkd_setup_context, _rkd_backward)
 
 
 def _gram_pair(e_s: torch.Tensor, e_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The uncentred Gram matrices of student and teacher (PKT, similarity)."""
     acc = _common_acc(e_s, e_t)
-    split_s, split_t = _split_matmuls(e_s), _split_matmuls(e_t)
     with _float_matmuls(e_s):
-        return _gram(_operand(e_s, acc, split_s), split_s), _gram(_operand(e_t, acc, split_t), split_t)
+        return _gram(e_s, acc), _gram(e_t, acc)
 
 
-@torch.library.custom_op("kdfast::pkt", mutates_args=())
+@custom_op("kdfast::pkt")
 def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float, compute_grad: bool,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """PKT on embeddings [B, D_s], [B, D_t]: (loss, S or empty); the gradient is S e_s."""
@@ -242,7 +278,7 @@ def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float, compute_grad: bool,
     return _kernel("pkt_gram", backend)(g_s, g_t, eps, compute_grad)
 
 
-@torch.library.custom_op("kdfast::similarity_preserving", mutates_args=())
+@custom_op("kdfast::similarity_preserving")
 def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float, compute_grad: bool,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Similarity preserving on flattened features [B, D_s], [B, D_t]: (loss, S or empty)."""
@@ -258,7 +294,7 @@ def _gram_loss_fake(e_s, e_t, option, compute_grad, backend):
 
 def _gram_loss_setup_context(ctx, inputs, output):
     e_s, compute_grad = inputs[0], inputs[3]
-    ctx.compute_grad, ctx.split = compute_grad, _split_matmuls(e_s)
+    ctx.compute_grad = compute_grad
     ctx.set_materialize_grads(False)  # S is saved for backward, not differentiated
     ctx.save_for_backward(output[1], e_s)
 
@@ -270,13 +306,14 @@ def _gram_loss_backward(ctx, grad_loss, _S):
         raise RuntimeError("kdfast: this relational op was called with compute_grad=False and cannot backpropagate")
     S, e_s = ctx.saved_tensors
     with _float_matmuls(e_s):
-        grad = _grad_matmul(scale_saved_grad(S, grad_loss), e_s, ctx.split)
-    return (grad.to(e_s.dtype),) + (None,) * 4
+        grad = _grad(scale_saved_grad(S, grad_loss), e_s)
+    return (grad,) + (None,) * 4
 
 
-for _op in (pkt, similarity_preserving):
-    _op.register_fake(_gram_loss_fake)
-    _op.register_autograd(_gram_loss_backward, setup_context=_gram_loss_setup_context)
+pkt.register_fake(_gram_loss_fake)
+similarity_preserving.register_fake(_gram_loss_fake)
+run_pkt = eager_autograd(pkt, _gram_loss_setup_context, _gram_loss_backward)
+run_similarity_preserving = eager_autograd(similarity_preserving, _gram_loss_setup_context, _gram_loss_backward)
 
 
 # --- entry points (inputs validated by kdfast.functional) ---
@@ -295,7 +332,7 @@ def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
     backend = select_backend(op, KERNELS, e_s.device)
     if backend == "torch":
         return rkd_ref(e_s, e_t, dist_weight, angle_weight)
-    loss, _, _ = rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), _compute_grad(e_s), backend)
+    loss, _, _ = run_rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), _compute_grad(e_s), backend)
     return loss
 
 
@@ -304,7 +341,7 @@ def pkt_loss(e_s, e_t, eps=1e-7):
     backend = select_backend("pkt", KERNELS, e_s.device)
     if backend == "torch":
         return pkt_ref(e_s, e_t, eps)
-    return pkt(_flat(e_s), _flat(e_t), float(eps), _compute_grad(e_s), backend)[0]
+    return run_pkt(_flat(e_s), _flat(e_t), float(eps), _compute_grad(e_s), backend)[0]
 
 
 def similarity_preserving_loss(f_s, f_t, p=2):
@@ -312,4 +349,4 @@ def similarity_preserving_loss(f_s, f_t, p=2):
     backend = select_backend("similarity_preserving", KERNELS, f_s.device)
     if backend == "torch" or not math.isfinite(p):  # the kernels take a finite p
         return similarity_preserving_ref(f_s, f_t, p)
-    return similarity_preserving(_flat(f_s), _flat(f_t), float(p), _compute_grad(f_s), backend)[0]
+    return run_similarity_preserving(_flat(f_s), _flat(f_t), float(p), _compute_grad(f_s), backend)[0]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import select_backend
-from ._common import acc_dtype, reduce_rows, reduction_divisor, scale_saved_grad
+from ._common import acc_dtype, custom_op, eager_autograd, reduce_rows, reduction_divisor, scale_saved_grad
 
 KERNELS = ("torch", "cpu", "triton", "cuda")
 
@@ -78,7 +78,7 @@ def softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, n
     return reduce_rows(rows, reduction, s.shape[0], kept)
 
 
-@torch.library.custom_op("kdfast::softmax_kl", mutates_args=())
+@custom_op("kdfast::softmax_kl")
 def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, dim: int, T: float,
                ignore_index: int, decoupled: bool, alpha: float, beta: float, reduction: str,
                compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +133,7 @@ def _backward(ctx, grad_loss, _):
     return (scale_saved_grad(grad, grad_loss),) + (None,) * 11
 
 
-softmax_kl.register_autograd(_backward, setup_context=_setup_context)
+run_softmax_kl = eager_autograd(softmax_kl, _setup_context, _backward)
 
 
 def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
@@ -148,6 +148,6 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
     if backend == "torch":
         return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction)
     compute_grad = torch.is_grad_enabled() and s.requires_grad
-    loss, _ = softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha), float(beta),
+    loss, _ = run_softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha), float(beta),
                          reduction, compute_grad, backend)
     return loss
