@@ -84,7 +84,8 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
 def traced(tensors) -> bool:
     """Whether these op inputs are being traced or transformed: torch.compile, functorch
     transforms (vmap, grad), or tensor subclasses (fake, functional tensors)."""
-    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    return (torch.compiler.is_compiling() or transforms_active()
             or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors if isinstance(t, torch.Tensor)))
 
 
