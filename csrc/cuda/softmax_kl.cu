@@ -240,7 +240,10 @@ __device__ __forceinline__ void store_pack(scalar_t* ptr, int64_t j0, int n, con
     for (int i = 0; i < N; ++i) v.v[i] = x[i];
     *reinterpret_cast<Pack<scalar_t, N>*>(ptr + j0) = v;
   } else {
-    for (int i = 0; i < n; ++i) ptr[j0 + i] = x[i];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {  // unrolled: x stays in registers (no dynamic indexing)
+      if (i < n) ptr[j0 + i] = x[i];
+    }
   }
 }
 
@@ -407,9 +410,11 @@ __global__ void softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-int threads_for(int64_t work_items) {
+// Threads for a row of work_items: up to 1024, or 512 for double math (~70-80 registers
+// per thread there: 1024 threads would exceed the 64K registers of a block).
+int threads_for(int64_t work_items, int max_threads) {
   int threads = 128;
-  while (threads < 1024 && threads * 4 < work_items) threads *= 2;
+  while (threads < max_threads && threads * 4 < work_items) threads *= 2;
   return threads;
 }
 
@@ -449,12 +454,17 @@ void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
     return;
   }
   constexpr int N = 16 / sizeof(scalar_t);
-  const bool vec = p.V % N == 0 && p.s_sa % N == 0 && p.s_si % N == 0 && p.t_sa % N == 0 &&
-                   p.t_si % N == 0 && aligned16(p.s) && aligned16(p.t) &&
-                   (p.grad == nullptr || (p.g_sa % N == 0 && p.g_si % N == 0 && aligned16(p.grad)));
+  // 16-byte loads: every row starts 16-byte aligned (the stride of a dim of extent 1 is
+  // never used, e.g. the leading dim of a plain [N, V]).
+  const auto fits = [&](int64_t stride_a, int64_t stride_i) {
+    return (sv.A == 1 || stride_a % N == 0) && (sv.I == 1 || stride_i % N == 0);
+  };
+  const bool vec = p.V % N == 0 && fits(p.s_sa, p.s_si) && fits(p.t_sa, p.t_si) && aligned16(p.s) &&
+                   aligned16(p.t) && (p.grad == nullptr || (fits(p.g_sa, p.g_si) && aligned16(p.grad)));
   const int64_t row_bytes = 2 * p.V * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t blocks = std::min<int64_t>(p.rows, int64_t(1) << 30);
-  const int threads = threads_for(vec ? p.V / N : p.V);
+  const int max_threads = sizeof(acc_t) == 8 ? 512 : 1024;
+  const int threads = threads_for(vec ? p.V / N : p.V, max_threads);
 
   // sm_90 and a row too large for one block's cache: split it over a cluster.
   int device = 0, major = 0, smem_optin = 0;
@@ -471,7 +481,7 @@ void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
       auto kernel = softmax_kl_cluster_kernel<scalar_t, acc_t>;
       cudaLaunchConfig_t config = {};
       config.gridDim = dim3(static_cast<unsigned>(p.rows * cluster));
-      config.blockDim = dim3(threads_for(slice / N));
+      config.blockDim = dim3(threads_for(slice / N, max_threads));
       config.dynamicSmemBytes = smem;
       config.stream = stream;
       cudaLaunchAttribute attribute;

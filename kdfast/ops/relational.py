@@ -14,6 +14,7 @@ loss never builds the reference's [B, B, D] tensor: memory O(B² + B·D).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -178,8 +179,11 @@ def _operand(e: torch.Tensor, acc: torch.dtype, split: bool, mean: torch.Tensor 
 
 
 def _gram(e: torch.Tensor, acc: torch.dtype, mean: torch.Tensor | None = None) -> torch.Tensor:
-    """``X Xᵀ`` in the accumulation dtype, X = e or e - mean, summed over column blocks."""
-    split = _split_matmuls(e)
+    """``X Xᵀ`` in the accumulation dtype, X = e or e - mean, summed over column blocks.
+
+    Centred columns (RKD) are float32 already: they take a float32 product, not the
+    bfloat16 split, whose ~2^-17 error would show in distances between close samples."""
+    split = _split_matmuls(e) and mean is None
     g = None
     for cols in _column_blocks(e, acc):
         m = None if mean is None else mean[cols]
@@ -190,7 +194,7 @@ def _gram(e: torch.Tensor, acc: torch.dtype, mean: torch.Tensor | None = None) -
 
 def _grad(S: torch.Tensor, e: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """``S X`` in e's dtype, X = e or e - mean, block by block of columns."""
-    split = _split_matmuls(e)
+    split = _split_matmuls(e) and mean is None
     blocks = _column_blocks(e, S.dtype)
     if len(blocks) == 1:
         return _grad_block(S, _operand(e, S.dtype, split, mean), split).to(e.dtype)
@@ -201,10 +205,22 @@ def _grad(S: torch.Tensor, e: torch.Tensor, mean: torch.Tensor | None = None) ->
     return out
 
 
+@contextlib.contextmanager
 def _float_matmuls(x: torch.Tensor):
-    """Autocast off: the Grams and the gradient keep the dtypes chosen here, also when a
-    loss is called inside an autocast region."""
-    return torch.autocast(x.device.type, enabled=False)
+    """Autocast and TF32 off: the Grams and the gradient keep the dtypes and precision
+    chosen here, also inside an autocast region or under
+    ``torch.set_float32_matmul_precision("high")`` (TF32's ~2^-11 would swamp the small
+    distances RKD takes as differences of Gram entries)."""
+    with torch.autocast(x.device.type, enabled=False):
+        if not x.is_cuda:
+            yield
+            return
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _kernel(name: str, backend: str):

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_inputs_device
+
 from ..ops._common import acc_dtype
 
 _EPS = tl.constexpr(1e-12)  # F.normalize's default (made in ACC: an fp32 literal is not 1e-12)
@@ -43,7 +45,7 @@ def _power(f, e_hi, e_lo, e_int, e_odd, MODE: tl.constexpr):
         return tl.where(e_int >= 0, by_product, real)
 
 
-@triton.jit(do_not_specialize=["C", "X", "X2", "s_x1", "p_int", "p_odd"])
+@triton.jit(do_not_specialize=["X2", "s_x1", "p_int", "p_odd"])
 def _channel_mean_kernel(
     f_ptr, out_ptr, C, X, X2, s_b, s_c, s_x1, s_x2, p_hi, p_lo, p_int, p_odd,
     SPLIT_X: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -68,7 +70,7 @@ def _channel_mean_kernel(
     tl.store(out_ptr + b * X + xs64, r, mask=x_ok)
 
 
-@triton.jit(do_not_specialize=["B", "X"])
+@triton.jit
 def _finish_kernel(rs_ptr, rt_ptr, loss_ptr, B, X, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """One sample: w = dL/dr_s written over r_s, and the sample's share of the loss."""
     b = tl.program_id(0).to(tl.int64)
@@ -107,7 +109,7 @@ def _finish_kernel(rs_ptr, rt_ptr, loss_ptr, B, X, ACC: tl.constexpr, BLOCK: tl.
     tl.store(loss_ptr + b, tl.sum(sum_d2, axis=0) / n_elem)
 
 
-@triton.jit(do_not_specialize=["C", "X", "f_X2", "g_X2", "f_sx1", "g_sx1", "pm1_int", "pm1_odd"])
+@triton.jit(do_not_specialize=["f_X2", "g_X2", "f_sx1", "g_sx1", "pm1_int", "pm1_odd"])
 def _grad_kernel(
     f_ptr, g_ptr, w_ptr, go_ptr, C, X, f_X2, g_X2,
     f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, p_hi, p_lo, pm1_hi, pm1_lo, pm1_int, pm1_odd,
@@ -206,6 +208,7 @@ def _channel_means(f: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
+@on_inputs_device
 def attention_transfer_forward_triton(f_s: list[torch.Tensor], f_t: list[torch.Tensor], p: float):
     """Same contract as torch.ops.kdfast_C.attention_transfer_forward: (loss, maps)."""
     maps, losses = [], []
@@ -221,6 +224,7 @@ def attention_transfer_forward_triton(f_s: list[torch.Tensor], f_t: list[torch.T
     return torch.cat(losses).sum(), maps
 
 
+@on_inputs_device
 def attention_transfer_backward_triton(grad_loss: torch.Tensor, f_s: list[torch.Tensor],
                                        maps: list[torch.Tensor], p: float) -> list[torch.Tensor]:
     """Same contract as torch.ops.kdfast_C.attention_transfer_backward."""

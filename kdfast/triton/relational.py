@@ -13,8 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-MIN_SQUARED = 1e-12  # pdist's clamp
-NORMALIZE_EPS = 1e-12  # F.normalize's eps
+from . import on_inputs_device
+
+# Compiled Triton reads module globals only as constexpr.
+MIN_SQUARED = tl.constexpr(1e-12)  # pdist's clamp
+NORMALIZE_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
 
 def _acc(x: torch.Tensor):
@@ -37,7 +40,7 @@ def _rkd_pairs(G, D2, U, BETA, ROW_SUM, B, tol, BLOCK: tl.constexpr):
     g_ii = tl.load(G + i * B + i)
     total = tl.zeros([BLOCK], g_ii.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         g_jj = tl.load(G + j * B + j, mask=valid, other=0.0)
         g_ij = tl.load(G + i * B + j, mask=valid, other=0.0)
@@ -67,7 +70,7 @@ def _rkd_distance_rows(D2S, D2T, MU, LOSS_ROWS, K_ROWS, B, BLOCK: tl.constexpr):
     loss = tl.zeros([BLOCK], mu_s.dtype)
     k_sum = tl.zeros([BLOCK], mu_s.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = (j < B) & (j != i)
         rho_s = _distance(tl.load(D2S + i * B + j, mask=valid, other=0.0)) / mu_s
         x = rho_s - _distance(tl.load(D2T + i * B + j, mask=valid, other=0.0)) / mu_t
@@ -114,7 +117,7 @@ def _rkd_angle_rows(GS, GT, US, UT, BS, BT, R, T, LOSS_PARTS, B,
     t_acc = tl.zeros([BI, BJ], us_ij.dtype)
     loss = tl.zeros([BI, BJ], us_ij.dtype)
     for k0 in range(0, B, BK):
-        k = k0 + tl.arange(0, BK)
+        k = k0 + tl.arange(0, BK).to(tl.int64)
         k_ok = k < B
         x, c, a_s, q = _angle_cube(_load_tile(GS, j, k, j_ok, k_ok, B), _load_tile(GT, j, k, j_ok, k_ok, B),
                                    _load_tile(GS, i, k, i_ok, k_ok, B), _load_tile(US, i, k, i_ok, k_ok, B),
@@ -141,7 +144,7 @@ def _rkd_angle_cols(GS, GT, US, UT, BS, BT, P, B, BI: tl.constexpr, BJ: tl.const
     gt_jk = _load_tile(GT, j, k, j_ok, k_ok, B)
     p_acc = tl.zeros([BJ, BK], gs_jk.dtype)
     for i0 in range(0, B, BI):
-        i = i0 + tl.arange(0, BI)
+        i = i0 + tl.arange(0, BI).to(tl.int64)
         i_ok = i < B
         x, c, a_s, q = _angle_cube(gs_jk, gt_jk,
                                    _load_tile(GS, i, k, i_ok, k_ok, B), _load_tile(US, i, k, i_ok, k_ok, B),
@@ -183,7 +186,7 @@ def _rkd_assemble(D2S, D2T, US, P, R, T, PARAMS, S, B, BLOCK: tl.constexpr,
     sum_f = tl.zeros([BLOCK], wa.dtype)
     sum_r = tl.zeros([BLOCK], wa.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = (j < B) & (j != i)
         ij = i * B + j
         ji = j * B + i
@@ -203,6 +206,7 @@ def _rkd_assemble(D2S, D2T, US, P, R, T, PARAMS, S, B, BLOCK: tl.constexpr,
     tl.store(S + i * B + i, diagonal)
 
 
+@on_inputs_device
 def rkd_gram(g_s, g_t, dist_weight, angle_weight, tol, compute_grad):
     """RKD from the Grams of the centred embeddings: (loss, S or empty)."""
     B = g_s.shape[0]
@@ -266,7 +270,7 @@ def _pkt_rows(GS, GT, ROWS, B, eps, BLOCK: tl.constexpr):
     sum_s = tl.zeros([BLOCK], cs_i.dtype)
     sum_t = tl.zeros([BLOCK], cs_i.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         cs_j = _pkt_inv_norm(tl.load(GS + j * B + j, mask=valid, other=1.0), eps)
         ct_j = _pkt_inv_norm(tl.load(GT + j * B + j, mask=valid, other=1.0), eps)
@@ -277,7 +281,7 @@ def _pkt_rows(GS, GT, ROWS, B, eps, BLOCK: tl.constexpr):
     loss = tl.zeros([BLOCK], cs_i.dtype)
     sigma = tl.zeros([BLOCK], cs_i.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         cs_j = _pkt_inv_norm(tl.load(GS + j * B + j, mask=valid, other=1.0), eps)
         ct_j = _pkt_inv_norm(tl.load(GT + j * B + j, mask=valid, other=1.0), eps)
@@ -315,7 +319,7 @@ def _pkt_grad(GS, GT, ROWS, S, B, eps, inv_b2, BLOCK: tl.constexpr):
     lam = tl.zeros([BLOCK], g_ii.dtype)
     diagonal = tl.zeros([BLOCK], g_ii.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         cs_j = _pkt_inv_norm(tl.load(GS + j * B + j, mask=valid, other=1.0), eps)
         ct_j = _pkt_inv_norm(tl.load(GT + j * B + j, mask=valid, other=1.0), eps)
@@ -332,6 +336,7 @@ def _pkt_grad(GS, GT, ROWS, S, B, eps, inv_b2, BLOCK: tl.constexpr):
     tl.store(S + i * B + i, tl.sum(diagonal, 0) - norm_term)
 
 
+@on_inputs_device
 def pkt_gram(g_s, g_t, eps, compute_grad):
     """PKT from the Grams of the embeddings: (loss, S or empty)."""
     B = g_s.shape[0]
@@ -380,7 +385,7 @@ def _similarity_rows(GS, GT, ROWS, B, p, BLOCK: tl.constexpr, P_MODE: tl.constex
     sum_s = tl.zeros([BLOCK], first.dtype)
     sum_t = tl.zeros([BLOCK], first.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         sum_s += _abs_pow(tl.load(GS + i * B + j, mask=valid, other=0.0), p, P_MODE)
         sum_t += _abs_pow(tl.load(GT + i * B + j, mask=valid, other=0.0), p, P_MODE)
@@ -400,7 +405,7 @@ def _similarity_rows(GS, GT, ROWS, B, p, BLOCK: tl.constexpr, P_MODE: tl.constex
     loss = tl.zeros([BLOCK], first.dtype)
     sigma = tl.zeros([BLOCK], first.dtype)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         hs = tl.load(GS + i * B + j, mask=valid, other=0.0) / den_s
         diff = hs - tl.load(GT + i * B + j, mask=valid, other=0.0) / den_t
@@ -432,13 +437,14 @@ def _similarity_pair_grad(GS, GT, ROWS, row, col, valid, B, p, two_inv_b2, P_MOD
 def _similarity_grad(GS, GT, ROWS, S, B, p, two_inv_b2, BLOCK: tl.constexpr, P_MODE: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     for j0 in range(0, B, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         value = (_similarity_pair_grad(GS, GT, ROWS, i, j, valid, B, p, two_inv_b2, P_MODE)
                  + _similarity_pair_grad(GS, GT, ROWS, j, i, valid, B, p, two_inv_b2, P_MODE))
         tl.store(S + i * B + j, value, mask=valid)
 
 
+@on_inputs_device
 def similarity_gram(g_s, g_t, p, compute_grad):
     """Similarity preserving from the Grams of the features: (loss, S or empty)."""
     B = g_s.shape[0]

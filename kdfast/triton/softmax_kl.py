@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_inputs_device
+
 from ..ops._common import acc_dtype
 
 
@@ -29,9 +31,10 @@ def _xlogy(x, log_y):
     return tl.where(x == 0.0, 0.0, x * log_y)
 
 
-# Sizes and outer strides are not specialised (fewer compiled variants); the class and row
-# strides are, so a stride of 1 makes loads contiguous.
-@triton.jit(do_not_specialize=["n_rows", "V", "I", "s_sa", "t_sa", "g_sa", "ignore_index"])
+# The row count is not specialised (fewer compiled variants). Sizes and strides are: a
+# stride of 1 makes loads contiguous, I == 1 drops the inner index, and V and the row
+# strides divisible by 16 let rows load in 16-byte vectors.
+@triton.jit(do_not_specialize=["n_rows", "ignore_index"])
 def _softmax_kl_kernel(
     s_ptr, t_ptr, grad_ptr, target_ptr, loss_ptr, scale_ptr,
     n_rows, V, I,
@@ -70,7 +73,7 @@ def _softmax_kl_kernel(
     z_t = tl.zeros([BLOCK_R], ACC)
     cross = tl.zeros([BLOCK_R], ACC)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # cols * stride may pass 2^31
         mask = row_ok[:, None] & (cols < V)[None, :]
         xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=neg_inf).to(ACC)
         xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=neg_inf).to(ACC)
@@ -133,7 +136,7 @@ def _softmax_kl_kernel(
     if COMPUTE_GRAD:
         g_row = a_idx * g_sa + i_idx * g_si
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # cols * stride may pass 2^31
             mask = row_ok[:, None] & (cols < V)[None, :]
             xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=0.0).to(ACC)
             xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=0.0).to(ACC)
@@ -159,6 +162,7 @@ def _as_avi(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.reshape(A, x.shape[dim], I)
 
 
+@on_inputs_device
 def softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled, compute_grad):
     """Same contract as torch.ops.kdfast_C.softmax_kl: (row losses, gradient or empty)."""
     s3, t3 = _as_avi(s, dim), _as_avi(t, dim)
