@@ -148,6 +148,6 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
     if backend == "torch":
         return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction)
     compute_grad = torch.is_grad_enabled() and s.requires_grad
-    loss, _ = run_softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha), float(beta),
-                         reduction, compute_grad, backend)
+    loss, _ = run_softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha),
+                             float(beta), reduction, compute_grad, backend)
     return loss
