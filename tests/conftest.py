@@ -71,6 +71,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
         assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
+def assert_compiled_matches_eager(loss_fn, students: list, others: list, backend: str, tol: float = 1e-6) -> None:
+    """``loss_fn(*students, *others)`` and its gradients w.r.t. the students are the same
+    eager and under ``torch.compile(fullgraph=True)`` (no graph break) on this backend."""
+    def loss_and_grads(fn):
+        loss = fn(*students, *others)
+        return loss.detach(), torch.autograd.grad(loss, students)
+
+    torch._dynamo.reset()
+    with kdfast.use_backend(backend):
+        eager = loss_and_grads(loss_fn)
+        compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
+    assert_close(compiled[0], eager[0], tol, "loss")
+    for c, e in zip(compiled[1], eager[1]):
+        assert_close(c, e, tol, "grad")
+
+
 @pytest.fixture(autouse=True)
 def _auto_backend():
     """Every test starts and ends with the backend on auto."""

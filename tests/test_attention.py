@@ -7,7 +7,7 @@ import kdfast
 from kdfast import functional as KF
 from kdfast import losses as L
 from kdfast.ops import attention as op
-from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, kernel_backends
+from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [  # (batch, student channels, teacher channels, spatial)
@@ -238,17 +238,7 @@ def test_torch_compile_fullgraph(device, backend):
     def loss_fn(a, b):
         return 2.0 * attention(fm_s={"a": a, "b": b}, fm_t={"a": f_t[0], "b": f_t[1]})
 
-    def loss_and_grads(fn):
-        loss = fn(*f_s)
-        return loss.detach(), torch.autograd.grad(loss, f_s)
-
-    torch._dynamo.reset()
-    with kdfast.use_backend(backend):
-        eager = loss_and_grads(loss_fn)
-        compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
-    assert_close(compiled[0], eager[0], 1e-6, "loss")
-    for c, e in zip(compiled[1], eager[1]):
-        assert_close(c, e, 1e-6, "grad")
+    assert_compiled_matches_eager(loss_fn, f_s, [], backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

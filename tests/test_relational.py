@@ -7,7 +7,7 @@ import kdfast
 from kdfast import _backend
 from kdfast import functional as KF
 from kdfast.ops import relational as op
-from conftest import DTYPES, TOLERANCE, assert_close, kernel_backends
+from conftest import DTYPES, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -218,16 +218,7 @@ def test_torch_compile_fullgraph(device, backend):
     def loss_fn(s, t):
         return KF.rkd(s, t) + 3.0 * KF.pkt(s, t) + KF.similarity_preserving(s, t) * 0.5
 
-    def loss_and_grad(fn):
-        loss = fn(s, t)
-        return loss.detach(), torch.autograd.grad(loss, s)[0]
-
-    torch._dynamo.reset()
-    with kdfast.use_backend(backend):
-        eager = loss_and_grad(loss_fn)
-        compiled = loss_and_grad(torch.compile(loss_fn, fullgraph=True))
-    assert_close(compiled[0], eager[0], 1e-6, "loss")
-    assert_close(compiled[1], eager[1], 1e-6, "grad")
+    assert_compiled_matches_eager(loss_fn, [s], [t], backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

@@ -5,7 +5,7 @@ import torch
 import kdfast
 from kdfast import functional as KF
 from kdfast.ops import softmax_kl as op
-from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, kernel_backends
+from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [  # (shape, dim): odd vocabularies, [B, T, V], segmentation [B, C, H, W] with dim=1
@@ -225,16 +225,7 @@ def test_torch_compile_fullgraph(device, backend):
     def loss_fn(s, t, target):
         return 0.5 * KF.soft_target_kl(s, t, T=4.0) + KF.decoupled_kd(s, t, target) * 1.3
 
-    def loss_and_grad(fn):
-        loss = fn(s, t, target)
-        return loss.detach(), torch.autograd.grad(loss, s)[0]
-
-    torch._dynamo.reset()
-    with kdfast.use_backend(backend):
-        eager = loss_and_grad(loss_fn)
-        compiled = loss_and_grad(torch.compile(loss_fn, fullgraph=True))
-    assert_close(compiled[0], eager[0], 1e-6, "loss")
-    assert_close(compiled[1], eager[1], 1e-6, "grad")
+    assert_compiled_matches_eager(loss_fn, [s], [t, target], backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
