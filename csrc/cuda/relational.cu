@@ -573,48 +573,60 @@ std::tuple<at::Tensor, at::Tensor> rkd_gram_cuda(const at::Tensor& g_s_in, const
   return {loss, S};
 }
 
-std::tuple<at::Tensor, at::Tensor> pkt_gram_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in, double eps,
-                                                 bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "pkt_gram");
+// PKT and similarity: a kernel of per-row terms (row 3: the row's loss), then, with
+// compute_grad, a kernel writing S from them. Both take one parameter (eps, p).
+template <typename acc_t>
+using GramRowsKernel = void (*)(const acc_t*, const acc_t*, int64_t, acc_t, acc_t*);
+template <typename acc_t>
+using GramGradKernel = void (*)(const acc_t*, const acc_t*, const acc_t*, int64_t, acc_t, acc_t*);
+
+struct PktKernels {
+  template <typename acc_t>
+  static GramRowsKernel<acc_t> rows() { return pkt_rows_kernel<acc_t>; }
+  template <typename acc_t>
+  static GramGradKernel<acc_t> grad() { return pkt_grad_kernel<acc_t>; }
+};
+
+struct SimilarityKernels {
+  template <typename acc_t>
+  static GramRowsKernel<acc_t> rows() { return similarity_rows_kernel<acc_t>; }
+  template <typename acc_t>
+  static GramGradKernel<acc_t> grad() { return similarity_grad_kernel<acc_t>; }
+};
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor> gram_rows_loss_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
+                                                       double param, bool compute_grad, const char* op) {
+  check_grams(g_s_in, g_t_in, op);
   const c10::cuda::CUDAGuard guard(g_s_in.device());
   const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
   const int64_t B = gs.size(0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor rows = at::empty({4, B}, gs.options());
   at::Tensor S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
-  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "pkt_gram_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "gram_rows_loss_cuda", [&] {
     using acc_t = scalar_t;
-    pkt_rows_kernel<acc_t><<<B, kRowThreads, 0, stream>>>(cdata<acc_t>(gs), cdata<acc_t>(gt), B, acc_t(eps),
-                                                          mdata<acc_t>(rows));
+    const GramRowsKernel<acc_t> rows_kernel = Kernels::template rows<acc_t>();
+    rows_kernel<<<B, kRowThreads, 0, stream>>>(cdata<acc_t>(gs), cdata<acc_t>(gt), B, acc_t(param),
+                                               mdata<acc_t>(rows));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!compute_grad) return;
-    pkt_grad_kernel<acc_t><<<B, kRowThreads, 0, stream>>>(cdata<acc_t>(gs), cdata<acc_t>(gt), cdata<acc_t>(rows), B,
-                                                          acc_t(eps), mdata<acc_t>(S));
+    const GramGradKernel<acc_t> grad_kernel = Kernels::template grad<acc_t>();
+    grad_kernel<<<B, kRowThreads, 0, stream>>>(cdata<acc_t>(gs), cdata<acc_t>(gt), cdata<acc_t>(rows), B,
+                                               acc_t(param), mdata<acc_t>(S));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {rows[3].sum().div_(double(B) * double(B)), S};
 }
 
-std::tuple<at::Tensor, at::Tensor> similarity_gram_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in, double p,
+std::tuple<at::Tensor, at::Tensor> pkt_gram_cuda(const at::Tensor& g_s, const at::Tensor& g_t, double eps,
+                                                 bool compute_grad) {
+  return gram_rows_loss_cuda<PktKernels>(g_s, g_t, eps, compute_grad, "pkt_gram");
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_gram_cuda(const at::Tensor& g_s, const at::Tensor& g_t, double p,
                                                         bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "similarity_gram");
-  const c10::cuda::CUDAGuard guard(g_s_in.device());
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor rows = at::empty({4, B}, gs.options());
-  at::Tensor S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
-  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "similarity_gram_cuda", [&] {
-    using acc_t = scalar_t;
-    similarity_rows_kernel<acc_t><<<B, kRowThreads, 0, stream>>>(cdata<acc_t>(gs), cdata<acc_t>(gt), B, acc_t(p),
-                                                                 mdata<acc_t>(rows));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!compute_grad) return;
-    similarity_grad_kernel<acc_t><<<B, kRowThreads, 0, stream>>>(cdata<acc_t>(gs), cdata<acc_t>(gt),
-                                                                 cdata<acc_t>(rows), B, acc_t(p), mdata<acc_t>(S));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {rows[3].sum().div_(double(B) * double(B)), S};
+  return gram_rows_loss_cuda<SimilarityKernels>(g_s, g_t, p, compute_grad, "similarity_gram");
 }
 
 }  // namespace
