@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Floor
+from bench.harness import Case, Floor, Roofline, Steadiness
 from bench.peers import fasterai_attention
 
 import kdfast
@@ -73,7 +73,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         return [
             Case("attention_transfer", _shape(batch, [pair]), dtype, device, _providers(batch, [pair], dtype, device),
                  min_bytes=_min_bytes(batch, [pair], 4),
-                 floors=[Floor("kdfast-cpu", "fasterai-eager", 3.0), Floor("kdfast-cpu", "torch-compile", 1.3)]),
+                 floors=[Floor("kdfast-cpu", "fasterai-eager", 3.0), Floor("kdfast-cpu", "torch-compile", 1.3)],
+                 steadiness=Steadiness(["kdfast-cpu"], 2**26 if quick else 2**28),
+                 roofline=Roofline("kdfast-cpu", within=None, copy_fraction=0.8)),
             Case("attention_transfer", _shape(resnet_batch, resnet), dtype, device,
                  _providers(resnet_batch, resnet, dtype, device), min_bytes=_min_bytes(resnet_batch, resnet, 4),
                  note="resnet-like set of three layer pairs in one call (report only)"),

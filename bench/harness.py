@@ -47,6 +47,30 @@ class MemoryRatio:
 
 
 @dataclass
+class Steadiness:
+    """Single calls of ``providers`` beside their median: the first call, the 90th percentile,
+    and a second series where every call follows a freshly written temporary of
+    ``temporary_bytes`` (as an eager loss elsewhere in a training step makes). Met when the
+    90th percentile is at most ``max_p90_ratio`` × the median in both series."""
+    providers: list[str]
+    temporary_bytes: int
+    max_p90_ratio: float = 1.25
+
+
+@dataclass
+class Roofline:
+    """Floors of ``provider``'s time measured in the same run: memory (the case's min_bytes at
+    the copy rate of a plain tensor copy moving as many bytes) and compute (``exps`` calls of
+    exp at this machine's throughput, for the exp kdfast's kernels use and for ATen's).
+    Met when the median is within ``within`` × the larger floor and, when ``copy_fraction``
+    is set, the effective bandwidth reaches that fraction of the copy rate."""
+    provider: str
+    exps: int = 0
+    within: float | None = 1.5
+    copy_fraction: float | None = None
+
+
+@dataclass
 class Case:
     op: str
     shape: dict[str, int]
@@ -59,6 +83,8 @@ class Case:
     memory_ceilings: dict[str, int] = field(default_factory=dict)     # provider -> max peak extra bytes
     memory_ratios: list[MemoryRatio] = field(default_factory=list)
     note: str = ""
+    steadiness: Steadiness | None = None    # first call, p90, interleaved with temporaries
+    roofline: Roofline | None = None        # memory and compute floors measured in the run
 
 
 def kdfast_commit() -> str:
@@ -99,6 +125,15 @@ def environment(device: str) -> dict[str, Any]:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def time_calls(run: Runner, device: str, warmup: int, repeat: int) -> tuple[float, list[float]]:
+    """(the first call's milliseconds, ``time_runner``'s list): the first warm-up call timed."""
+    t0 = time.perf_counter()
+    run()
+    _sync(device)
+    first = (time.perf_counter() - t0) * 1e3
+    return first, time_runner(run, device, max(0, warmup - 1), repeat)
 
 
 def time_runner(run: Runner, device: str, warmup: int, repeat: int) -> list[float]:
@@ -159,9 +194,12 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
         record = {**base, "kind": "timing", "provider": name}
         try:
             run = provider()
-            times = time_runner(run, case.device, warmup, repeat)
+            first, times = time_calls(run, case.device, warmup, repeat)
             record.update(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
-                          p80_ms=quantile(times, 0.8), repeats=repeat)
+                          p80_ms=quantile(times, 0.8), p90_ms=quantile(times, 0.9), first_ms=first,
+                          repeats=repeat)
+            if case.steadiness and name in case.steadiness.providers:
+                record["steadiness"] = steadiness_series(run, case, repeat)
             if case.min_bytes:
                 record["min_bytes"] = case.min_bytes
                 record["effective_gbps"] = case.min_bytes / (record["median_ms"] * 1e-3) / 1e9
@@ -212,6 +250,9 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
             record["error"] = "the baseline did not run"
         records.append(record)
         log(_format(record))
+    for r in steadiness_records(case, base, measured) + roofline_records(case, base, measured):
+        records.append(r)
+        log(_format(r))
     return records
 
 
@@ -227,7 +268,9 @@ def _format(r: dict[str, Any]) -> str:
     if r["kind"] == "memory":
         of = f" = {r['fraction']:g} x {r['baseline']}" if "baseline" in r else ""
         return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}{of}: {met})"
-    text = f"{head} {r['median_ms']:10.3f} ms"
+    if r["kind"] in ("steadiness", "roofline", "copy_fraction"):
+        return f"{head} {_format_extra(r)} ({met})"
+    text = f"{head} {r['median_ms']:10.3f} ms (p90 {r['p90_ms']:.3f}, first {r['first_ms']:.3f})"
     if "effective_gbps" in r:
         text += f" {r['effective_gbps']:8.1f} GB/s"
     if "peak_extra_mb" in r:
@@ -254,3 +297,172 @@ def rotating_inputs(make: Callable[[], tuple], nbytes: int, device: str, l2_byte
     """Several copies of small inputs on a GPU so repeats do not hit in L2."""
     copies = 1 if device != "cuda" else max(1, min(8, (4 * l2_bytes) // max(nbytes, 1)))
     return [make() for _ in range(copies)]
+
+
+# ---- steadiness and floors ---------------------------------------------------------------
+
+_VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "pgfault")
+
+
+def _vmstat() -> dict[str, int]:
+    """Counters of transparent huge pages and compaction (Linux; {} elsewhere)."""
+    try:
+        with open("/proc/vmstat") as f:
+            pairs = (line.split() for line in f)
+            return {k: int(v) for k, v in pairs if k in _VMSTAT_KEYS}
+    except OSError:
+        return {}
+
+
+def _page_faults() -> int:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+def _timed_series(run: Runner, device: str, repeat: int, before=None) -> dict[str, Any]:
+    """Times ``repeat`` calls (``before()`` untimed ahead of each); page faults per call and the
+    machine's THP/compaction counters over the series."""
+    times, faults = [], []
+    vm0 = _vmstat()
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        _sync(device)
+        f0 = _page_faults()
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        faults.append(_page_faults() - f0)
+    vm1 = _vmstat()
+    return {"median_ms": statistics.median(times), "p90_ms": quantile(times, 0.9), "times_ms": times,
+            "page_faults_per_call": statistics.median(faults),
+            "vmstat": {k: vm1[k] - vm0[k] for k in vm0 if k in vm1}}
+
+
+def steadiness_series(run: Runner, case: Case, repeat: int) -> dict[str, Any]:
+    """The provider's calls alone and interleaved with a large freshly written temporary."""
+    def temporary():
+        x = torch.empty(case.steadiness.temporary_bytes, dtype=torch.uint8, device=case.device)
+        x.fill_(1)
+        del x
+    return {"alone": _timed_series(run, case.device, repeat),
+            "interleaved": _timed_series(run, case.device, repeat, temporary),
+            "temporary_mb": case.steadiness.temporary_bytes / 2**20}
+
+
+def steadiness_records(case: Case, base: dict[str, Any], measured: dict[str, dict]) -> list[dict[str, Any]]:
+    records = []
+    if case.steadiness is None:
+        return records
+    limit = case.steadiness.max_p90_ratio
+    for name in case.steadiness.providers:
+        series = measured.get(name, {}).get("steadiness")
+        record = {**base, "kind": "steadiness", "provider": name, "max_p90_ratio": limit}
+        if series is None:
+            record.update(met=False, error="the provider did not run")
+        else:
+            a, i = series["alone"], series["interleaved"]
+            record.update(first_ms=measured[name]["first_ms"], median_ms=a["median_ms"], p90_ms=a["p90_ms"],
+                          p90_ratio=a["p90_ms"] / a["median_ms"], interleaved_median_ms=i["median_ms"],
+                          interleaved_p90_ms=i["p90_ms"], interleaved_p90_ratio=i["p90_ms"] / a["median_ms"],
+                          page_faults_per_call=a["page_faults_per_call"],
+                          interleaved_page_faults_per_call=i["page_faults_per_call"],
+                          temporary_mb=series["temporary_mb"])
+            record["met"] = record["p90_ratio"] <= limit and record["interleaved_p90_ratio"] <= limit
+        records.append(record)
+    return records
+
+
+def copy_rate_gbps(traffic_bytes: int, device: str, repeat: int = 9) -> float:
+    """Bytes read + written per second by a plain tensor copy moving ``traffic_bytes`` (half
+    read, half written; both tensors already written once, so no page faults are timed)."""
+    n = max(1, traffic_bytes // 2)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.zeros(n, dtype=torch.uint8, device=device)
+    times = time_runner(lambda: dst.copy_(src), device, 2, repeat)
+    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
+
+
+def exp_rates(device: str) -> dict[str, float]:
+    """Exponentials per second on this machine's threads, for each exp implementation kdfast's
+    CPU kernels can use (``torch.ops.kdfast_C.cpu_exp``: the kernels' own vector code on
+    an input held in the L2 caches, so that memory plays no part)."""
+    if device != "cpu":
+        return {}
+    try:
+        from kdfast import _extension
+        if not _extension.LOADED or not hasattr(torch.ops.kdfast_C, "cpu_exp"):
+            return {}
+    except ImportError:
+        return {}
+    rates = {}
+    # 16K values a thread: in + out is 128 KB, well inside a core's L2.
+    x = -20 * torch.rand(16384 * torch.get_num_threads())
+    for impl in ("kernel", "sleef"):
+        repeats = 1
+        while True:  # grow until one call takes ~20 ms (call overhead out of the picture)
+            times = time_runner(lambda: torch.ops.kdfast_C.cpu_exp(x, impl, repeats), device, 1, 3)
+            if statistics.median(times) > 20 or repeats > 2**20:
+                break
+            repeats *= 4
+        rates[impl] = x.numel() * repeats / (statistics.median(times) * 1e-3)
+    return rates
+
+
+def roofline_records(case: Case, base: dict[str, Any], measured: dict[str, dict]) -> list[dict[str, Any]]:
+    roof = case.roofline
+    if roof is None or not case.min_bytes:
+        return []
+    copy_gbps = copy_rate_gbps(case.min_bytes, case.device)
+    timing = measured.get(roof.provider)
+    records = []
+    if roof.within is not None:
+        record = {**base, "kind": "roofline", "provider": roof.provider, "within": roof.within,
+                  "min_bytes": case.min_bytes, "copy_gbps": copy_gbps,
+                  "memory_floor_ms": case.min_bytes / (copy_gbps * 1e9) * 1e3, "exps": roof.exps}
+        rates = exp_rates(case.device) if roof.exps else {}
+        record["exp_per_s"] = rates
+        record["compute_floor_ms"] = {impl: roof.exps / rate * 1e3 for impl, rate in rates.items()}
+        floor = max([record["memory_floor_ms"], record["compute_floor_ms"].get("kernel", 0.0)])
+        record["floor_ms"] = floor
+        if timing is None:
+            record.update(met=False, error="the provider did not run")
+        else:
+            record["median_ms"] = timing["median_ms"]
+            record["of_floor"] = timing["median_ms"] / floor
+            record["met"] = record["of_floor"] <= roof.within
+        if roof.exps and "kernel" not in rates:
+            record.update(met=False, error="no exp rate: kdfast._C without cpu_exp")
+        records.append(record)
+    if roof.copy_fraction is not None:
+        record = {**base, "kind": "copy_fraction", "provider": roof.provider, "floor_fraction": roof.copy_fraction,
+                  "min_bytes": case.min_bytes, "copy_gbps": copy_gbps}
+        if timing is None:
+            record.update(met=False, error="the provider did not run")
+        else:
+            record["effective_gbps"] = timing["effective_gbps"]
+            record["fraction"] = timing["effective_gbps"] / copy_gbps
+            record["met"] = record["fraction"] >= roof.copy_fraction
+        records.append(record)
+    return records
+
+
+def _format_extra(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"ERROR {r['error']}"
+    if r["kind"] == "steadiness":
+        return (f"first {r['first_ms']:.1f} ms, p90 {r['p90_ratio']:.2f}x median {r['median_ms']:.1f} ms, "
+                f"interleaved with {r['temporary_mb']:.0f} MB: median {r['interleaved_median_ms']:.1f}, "
+                f"p90 {r['interleaved_p90_ratio']:.2f}x (limit {r['max_p90_ratio']}x); "
+                f"page faults/call {r['page_faults_per_call']:.0f} / {r['interleaved_page_faults_per_call']:.0f}")
+    if r["kind"] == "roofline":
+        compute = ", ".join(f"{k} exp {v:.1f} ms" for k, v in r["compute_floor_ms"].items())
+        return (f"{r['median_ms']:.2f} ms = {r['of_floor']:.2f}x floor {r['floor_ms']:.2f} ms (memory "
+                f"{r['memory_floor_ms']:.2f} ms at {r['copy_gbps']:.1f} GB/s; compute {compute or 'n/a'}; "
+                f"limit {r['within']}x)")
+    return (f"{r['effective_gbps']:.1f} GB/s = {r['fraction']:.2f} of the copy rate {r['copy_gbps']:.1f} GB/s "
+            f"at {r['min_bytes'] / 1e6:.0f} MB (floor {r['floor_fraction']})")

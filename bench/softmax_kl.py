@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Floor, fwd_bwd
+from bench.harness import Case, Floor, Roofline, Steadiness, fwd_bwd
 from bench.peers import fasterai_soft_target
 
 import kdfast
@@ -67,9 +67,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device == "cpu":
         n, v = (256, 8000) if quick else (2048, 32000)
         dtype = torch.float32
+        # Steadiness: a 1.25 GB temporary is what fasterai's eager formula allocates at this size.
+        # Floors: read s, read t, write grad at the copy rate; two exponentials per element
+        # (softmax of the student and of the teacher: each needed elementwise for the gradient).
         return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
                      min_bytes=3 * n * v * 4,
-                     floors=[Floor("kdfast-cpu", "fasterai-eager", 4.0), Floor("kdfast-cpu", "torch-compile", 1.5)])]
+                     floors=[Floor("kdfast-cpu", "fasterai-eager", 4.0), Floor("kdfast-cpu", "torch-compile", 1.5)],
+                     steadiness=Steadiness(["kdfast-cpu"], (2**26 if quick else 1_250_000_000)),
+                     roofline=Roofline("kdfast-cpu", exps=2 * n * v, within=1.5))]
     n, v = (1024, 32000) if quick else (8192, 128256)
     dtype = torch.bfloat16
     grad_bytes = n * v * 2
