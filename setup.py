@@ -1,6 +1,7 @@
 """Build kdfast and its compiled extension ``kdfast._C``.
 
-The C++ CPU kernels are always built. The CUDA kernels are built whenever the
+The C++ CPU kernels are always built, once per instruction set (x86-64: DEFAULT, AVX2,
+AVX512; the one to run is picked when kdfast._C loads). The CUDA kernels are built whenever the
 installed torch is a CUDA build and nvcc is found (no GPU is needed to compile);
 set ``KDFAST_NO_CUDA=1`` to skip them. ``TORCH_CUDA_ARCH_LIST`` picks the GPU
 architectures (default ``8.0;9.0+PTX``), ``MAX_JOBS`` the parallel compile jobs.
@@ -36,7 +37,8 @@ locate_cuda_toolkit()
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension as TorchBuildExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -62,30 +64,71 @@ def default_max_jobs():
     return str(max(1, min(os.cpu_count() or 1, int(mem_gb // 1.5))))
 
 
+# CPU kernels are compiled once per instruction set, as ATen does (CPU_CAPABILITY): each
+# build of csrc/cpu/kernels/*.cpp lands in its own namespace kdfast::<capability> and
+# csrc/cpu/dispatch.cpp picks one at run time, so kdfast._C loads on any x86-64 CPU and
+# uses AVX-512 where there is one. Everything else is compiled for the baseline ISA.
+# Link order matters: an inline function that several builds emit keeps the copy of the
+# first object linked, so the builds are linked from the most portable up.
+KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
+X86 = platform.machine() in ("x86_64", "AMD64")
+CPU_CAPABILITIES = [("DEFAULT", [])] + ([
+    ("AVX2", ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"]),
+    ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mbmi",
+                "-mbmi2", "-mlzcnt"]),
+] if X86 else [])
+
+
+def capability_flags(name, flags):
+    # (GCC 12 warns about its own AVX-512 intrinsics' undefined registers in ATen's headers)
+    quiet = ["-Wno-maybe-uninitialized"] if flags else []
+    return flags + quiet + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+
+
+class BuildExtension(TorchBuildExtension):
+    """torch's BuildExtension, plus one build of the CPU kernels per instruction set."""
+
+    def build_extension(self, ext):
+        cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        cxx = [f for f in cxx if not f.startswith("-DCPU_CAPABILITY")]  # the baseline's, see extension()
+        objects = []
+        for name, flags in CPU_CAPABILITIES:
+            # One output folder (and ninja file) per capability: incremental builds stay incremental.
+            objects += self.compiler.compile(
+                KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, f"cpu_{name}"),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs={"cxx": cxx + capability_flags(name, flags)}, depends=ext.depends)
+        ext.extra_objects = objects
+        # Relink whenever a kernel object was rebuilt (setuptools compares sources and depends).
+        ext.depends = list(ext.depends) + objects
+        super().build_extension(ext)
+
+
 def extension():
     reason = cuda_build_reason()
     with_cuda = reason is None
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        # ATen's Vectorized<float> on AVX2 + FMA (8 lanes, SLEEF exp from libtorch).
-        # kdfast._C refuses to load on a CPU without AVX2 (see kdfast/_extension.py).
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if not with_cuda:
         print(f"kdfast: building without CUDA kernels ({reason})")
-    build_info = [f"-DKDFAST_WITH_CUDA={int(with_cuda)}"]
+    defines = [f"-DKDFAST_WITH_CUDA={int(with_cuda)}",
+               f"-DKDFAST_CPU_X86={int(X86)}"]  # 1: the AVX2 and AVX512 kernel builds exist
+    cxx += capability_flags("DEFAULT", [])  # the baseline objects see ATen's DEFAULT vectors
     kwargs = dict(
         name="kdfast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_link_args=["-fopenmp"],
+        # Headers and kernel sources: a change to any of them relinks the extension.
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)
+                       + KERNEL_SOURCES),
     )
     if not with_cuda:
-        return CppExtension(extra_compile_args={"cxx": cxx + build_info}, **kwargs)
+        return CppExtension(extra_compile_args={"cxx": cxx + defines}, **kwargs)
     kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    return CUDAExtension(extra_compile_args={"cxx": cxx + build_info, "nvcc": nvcc + build_info}, **kwargs)
+    return CUDAExtension(extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines}, **kwargs)
 
 
 os.environ.setdefault("MAX_JOBS", default_max_jobs())

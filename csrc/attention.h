@@ -131,7 +131,8 @@ struct AttentionBackwardProblem {
 };
 
 inline AttentionBackwardProblem prepare_attention_backward(const std::vector<at::Tensor>& f_s,
-                                                           const std::vector<at::Tensor>& maps, double p) {
+                                                           const std::vector<at::Tensor>& maps, double p,
+                                                           EmptyLikeFn empty_like = plain_empty_like) {
   check_attention_inputs(f_s, {}, p, "attention_transfer_backward");
   KDFAST_CHECK(maps.size() == f_s.size(), "attention_transfer_backward: ", maps.size(), " maps for ",
                f_s.size(), " feature maps");
@@ -141,7 +142,7 @@ inline AttentionBackwardProblem prepare_attention_backward(const std::vector<at:
   for (size_t i = 0; i < f_s.size(); ++i) {
     FeatureView vf, vg;
     prob.f_s.push_back(viewable(f_s[i], vf));
-    at::Tensor grad = at::empty_like(f_s[i]);
+    at::Tensor grad = empty_like(f_s[i]);
     at::Tensor out = feature_view(grad, vg) ? grad : at::empty(grad.sizes(), grad.options());
     if (!out.is_same(grad)) feature_view(out, vg);
     prob.grads.push_back(grad);

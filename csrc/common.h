@@ -2,6 +2,7 @@
 // [A, V, I] view every softmax-style kernel works on.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #define KDFAST_CHECK(cond, ...) TORCH_CHECK(cond, "kdfast: ", __VA_ARGS__)
@@ -12,6 +13,11 @@
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace kdfast {
+
+// How an op allocates the large outputs it writes in full: at::empty_like by default; the
+// CPU kernels pass empty_like_reused (csrc/cpu/memory.h).
+using EmptyLikeFn = at::Tensor (*)(const at::Tensor&);
+inline at::Tensor plain_empty_like(const at::Tensor& like) { return at::empty_like(like); }
 
 // A tensor seen as [A, V, I] around its class dim: rows are the (a, i) pairs and a row's
 // V classes lie `stride_v` elements apart. Leading dims merge into A, trailing into I.

@@ -10,6 +10,9 @@
 
 #include <string>
 
+#include "cpu/dispatch.h"
+#include "cpu/memory.h"
+
 namespace kdfast {
 #if KDFAST_WITH_CUDA
 std::string cuda_build_info();  // csrc/cuda/build_info.cu
@@ -25,11 +28,10 @@ std::string build_info() {
 #else
   info += "compiler=unknown\n";
 #endif
-#if defined(CPU_CAPABILITY_AVX2)
-  info += "cpu_capability=AVX2\n";
-#else
-  info += "cpu_capability=DEFAULT\n";
-#endif
+  // The CPU kernels: the build in use, every build compiled in, those this CPU runs.
+  info += "cpu_capability=" + cpu_capability() + "\n";
+  info += "cpu_capabilities=" + cpu_capabilities_built() + "\n";
+  info += "cpu_capabilities_supported=" + cpu_capabilities_supported() + "\n";
 #if KDFAST_WITH_CUDA
   info += "cuda=1\n" + cuda_build_info();
 #else
@@ -41,6 +43,18 @@ std::string build_info() {
 
 TORCH_LIBRARY(kdfast_C, m) {
   m.def("build_info() -> str", &kdfast::build_info);
+  // The build of the CPU kernels in use (csrc/cpu/dispatch.h), and a switch to another
+  // (returns the previous one; for tests and benchmarks).
+  m.def("cpu_capability() -> str", &kdfast::cpu_capability);
+  m.def("set_cpu_capability(str name) -> str", &kdfast::set_cpu_capability);
+  // exp(x) of a float32 tensor of values <= 0, `repeats` times over, with the CPU kernels'
+  // own vector code: impl "kernel" (the exp of the softmax kernels) or "sleef" (ATen's
+  // Vectorized exp). Its accuracy is tested; benchmarks time it for the compute floor.
+  m.def("cpu_exp(Tensor x, str impl, int repeats) -> Tensor");
+  // Large CPU outputs of the kernels reuse memory kept from earlier calls (csrc/cpu/memory.h):
+  // [bytes kept, blocks kept, bytes limit]; and a release of everything kept.
+  m.def("cpu_cache_info() -> int[]", &kdfast::cpu_cache_info);
+  m.def("empty_cpu_cache() -> ()", &kdfast::empty_cpu_cache);
   // Fused temperature-softmax KL (csrc/softmax_kl_math.h). Returns the T^2-scaled loss of
   // every row (rows: the input's shape without `dim`, opmath dtype) and, when compute_grad,
   // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float32 tensor.

@@ -35,7 +35,7 @@ inline SoftmaxKLProblem prepare_softmax_kl(const at::Tensor& s, const at::Tensor
                                            const std::optional<at::Tensor>& target,
                                            int64_t dim, double T, int64_t ignore_index,
                                            double alpha, double beta, bool decoupled,
-                                           bool compute_grad) {
+                                           bool compute_grad, EmptyLikeFn empty_like = plain_empty_like) {
   KDFAST_CHECK(s.sizes() == t.sizes(), "softmax_kl: student ", s.sizes(), " and teacher ",
                t.sizes(), " logits differ in shape");
   KDFAST_CHECK(s.scalar_type() == t.scalar_type(), "softmax_kl: student and teacher dtypes differ");
@@ -49,7 +49,7 @@ inline SoftmaxKLProblem prepare_softmax_kl(const at::Tensor& s, const at::Tensor
   // The gradient (and a teacher copy, if needed) take s's layout: empty_like keeps the
   // strides of a dense s; anything else (strided slices) gets one contiguous copy.
   if (!fits_layout(p.view, p.layout) ||
-      !fits_layout(class_dim_view(at::empty_like(s), dim), p.layout)) {
+      !fits_layout(class_dim_view(at::empty_like(s, s.options().device(at::kMeta)), dim), p.layout)) {
     p.s = s.contiguous();
     p.view = class_dim_view(p.s, dim);
     p.layout = p.view.stride_v == 1 ? KernelLayout::Rows : KernelLayout::Columns;
@@ -65,7 +65,7 @@ inline SoftmaxKLProblem prepare_softmax_kl(const at::Tensor& s, const at::Tensor
     KDFAST_CHECK(target->device() == s.device(), "softmax_kl: target on another device");
     p.target = target->to(at::kLong).contiguous();
   }
-  p.grad = compute_grad ? at::empty_like(p.s) : at::empty({0}, s.options());
+  p.grad = compute_grad ? empty_like(p.s) : at::empty({0}, s.options());
   p.grad_view = compute_grad ? class_dim_view(p.grad, dim) : p.view;
   p.T = T;
   p.alpha = alpha;

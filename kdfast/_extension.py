@@ -2,24 +2,17 @@
 
 If the extension is missing or fails to load, ``import kdfast`` still works: every op
 falls back to its pure-PyTorch reference, and ``kdfast.info()`` says why.
+
+The CPU kernels are compiled once per instruction set (DEFAULT, and AVX2 and AVX512 on
+x86-64); the extension loads on any CPU and runs the best build the CPU supports, as
+ATen picks its own (``torch.backends.cpu.get_cpu_capability()``, lowered by
+``ATEN_CPU_CAPABILITY``), or the one ``KDFAST_CPU_CAPABILITY`` names.
 """
 from __future__ import annotations
-
-import platform
 
 import torch
 
 _REBUILD = "rebuild it with `pip install -e . --no-build-isolation` in the kdfast checkout"
-
-
-def _cpu_lacks_avx2() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx2" not in f.read()
-    except OSError:
-        return False
 
 
 def _load() -> tuple[dict[str, str] | None, str | None]:
@@ -31,8 +24,6 @@ def _load() -> tuple[dict[str, str] | None, str | None]:
             return None, f"kdfast._C is not built; {_REBUILD}"
     except (ImportError, ValueError) as e:
         return None, f"kdfast._C cannot be found ({e}); {_REBUILD}"
-    if _cpu_lacks_avx2():
-        return None, "kdfast._C is built for AVX2 CPUs and this CPU lacks AVX2"
     try:
         from . import _C  # noqa: F401  (registers the torch.ops.kdfast_C operators)
     except (ImportError, OSError) as e:
@@ -46,3 +37,16 @@ def _load() -> tuple[dict[str, str] | None, str | None]:
 BUILD_INFO, LOAD_ERROR = _load()
 LOADED = BUILD_INFO is not None
 WITH_CUDA = LOADED and BUILD_INFO.get("cuda") == "1"
+
+
+def cpu_capability() -> str | None:
+    """The build of the CPU kernels in use ("DEFAULT", "AVX2", "AVX512"), None without kdfast._C."""
+    return torch.ops.kdfast_C.cpu_capability() if LOADED else None
+
+
+def set_cpu_capability(name: str) -> str:
+    """Run another build of the CPU kernels (e.g. "default" for the portable one); returns the
+    previous one. For tests and benchmarks; raises for a build this CPU cannot run."""
+    if not LOADED:
+        raise RuntimeError(f"kdfast: {LOAD_ERROR}")
+    return torch.ops.kdfast_C.set_cpu_capability(name)

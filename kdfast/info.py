@@ -41,8 +41,9 @@ def info_text() -> str:
         b = _extension.BUILD_INFO
         cuda = (f"with CUDA {b.get('cuda_runtime', '?')} kernels for archs {b.get('cuda_archs', '?')}"
                 if _extension.WITH_CUDA else "without CUDA kernels")
-        lines.append(f"kdfast._C: built for torch {b.get('torch')} with {b.get('compiler', '?')}, "
-                     f"CPU {b.get('cpu_capability', '?')}, {cuda}")
+        lines.append(f"kdfast._C: built for torch {b.get('torch')} with {b.get('compiler', '?')}, {cuda}")
+        lines.append(f"CPU kernels: {_extension.cpu_capability()} in use (builds {b.get('cpu_capabilities', '?')}; "
+                     f"this CPU runs {b.get('cpu_capabilities_supported', '?')}; KDFAST_CPU_CAPABILITY to choose)")
     else:
         lines.append(f"kdfast._C: not loaded: {_extension.LOAD_ERROR}")
     lines.append(f"backend in force: {_backend.current_backend()} (KDFAST_BACKEND / kdfast.use_backend)")

@@ -156,6 +156,44 @@ def test_nan_input_gives_nan_loss(device, backend):
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
 
 
+ALL_BACKENDS = [pytest.param(d, "torch", id=f"{d}-torch") for d in DEVICES] + BACKENDS
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("c", [1e3, 1e4])
+def test_loss_keeps_its_precision_when_the_student_sits_a_constant_above(device, backend, decoupled, c):
+    # The loss is invariant to a constant added to a row; centring each side on its own
+    # maximum keeps float32 at its precision. The uncentred sum cancelled two terms of size
+    # c/T (relative errors up to 5e-2 at c = 1e3 and 0.45 at c = 1e4).
+    t = make((16, 100), torch.float32, device, seed=15)
+    s = t + 0.5 * make((16, 100), torch.float32, device, seed=16) + c
+    target = torch.arange(16, device=device) % 100
+    fn = KF.decoupled_kd if decoupled else KF.soft_target_kl
+    kw = {"target": target} if decoupled else {}
+    with kdfast.use_backend(backend):
+        loss = fn(s, t, T=2.0, **kw)
+    exact = fn(s.double(), t.double(), T=2.0, **kw)
+    assert abs(loss.item() / exact.item() - 1) < (5e-5 if decoupled else 2e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype,big", [(torch.float64, 1e308), (torch.float32, 3e38)], ids=["float64", "float32"])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_logits_overflowing_when_divided_by_T_give_nan(device, backend, dtype, big, decoupled):
+    # s/T = inf for a finite s: the definition's softmax is NaN, and so is every backend's
+    # loss and gradient (centring on the maximum alone would hide the overflow).
+    s = torch.tensor([[big, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=dtype, device=device, requires_grad=True)
+    t = torch.zeros(2, 3, dtype=dtype, device=device)
+    kw = {"target": torch.tensor([1, 2], device=device)} if decoupled else {}
+    fn = KF.decoupled_kd if decoupled else KF.soft_target_kl
+    with kdfast.use_backend(backend):
+        rows = fn(s, t, T=0.5, reduction="none", **kw)
+    rows.sum().backward()
+    assert torch.isnan(rows[0]) and torch.isfinite(rows[1])
+    assert torch.isnan(s.grad[0]).all()
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [False, True])

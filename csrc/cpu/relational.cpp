@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu/vec.h"
 #include "relational.h"
 
 namespace kdfast {
@@ -29,15 +30,6 @@ const T* cdata(const at::Tensor& t) {
 template <typename T>
 T* mdata(const at::Tensor& t) {
   return t.mutable_data_ptr<T>();
-}
-
-template <typename acc_t>
-acc_t lane_sum(const Vectorized<acc_t>& v) {
-  acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t sum = 0;
-  for (int64_t l = 0; l < Vectorized<acc_t>::size(); ++l) sum += lanes[l];
-  return sum;
 }
 
 // Rows per task: 64k elements or more each (a B x B pass at B = 128 is ~20 us of work:
@@ -154,10 +146,10 @@ acc_t rkd_angle_sums(const at::Tensor& gs, const at::Tensor& gt, const RkdSide<a
           r_acc = r_acc + q;
           t_acc = t_acc + c * a_s;
         }
-        r[ij] = lane_sum(r_acc);
-        tt[ij] = lane_sum(t_acc);
+        r[ij] = reduce_sum(r_acc);
+        tt[ij] = reduce_sum(t_acc);
       }
-      lr[j] = lane_sum(loss);
+      lr[j] = reduce_sum(loss);
     }
   });
   return sum_of<acc_t>(loss_rows);
@@ -269,9 +261,9 @@ std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s_in, const 
           loss = loss + p_t * ((p_t + veps) / (p_s + veps)).log();
           sigma = sigma - p_t / (p_s + veps) * p_s;
         }
-        loss_rows[i] = lane_sum(loss);
+        loss_rows[i] = reduce_sum(loss);
         // kappa_ij = dL/dK_ij = (pi_ij - sigma_i) / r_i, over the student's probabilities
-        const acc_t sig = lane_sum(sigma) * inv_b2, inv_r = acc_t(1) / sum_s;
+        const acc_t sig = reduce_sum(sigma) * inv_b2, inv_r = acc_t(1) / sum_s;
         for (int64_t j = 0; j < B; ++j) ps[j] = (-pt[j] / (ps[j] + eps) * inv_b2 - sig) * inv_r;
       }
     });

@@ -64,7 +64,7 @@ struct Params {
 };
 
 // Running statistics of (part of) a row: maxima of the raw logits, sums of exp((x - M)/T),
-// and the teacher-weighted gap sum, all relative to the current maxima.
+// and the teacher-weighted gap sum of the centred logits, all relative to the current maxima.
 template <typename acc_t>
 struct RowAccum {
   acc_t m_s, z_s, m_t, z_t, c;
@@ -76,7 +76,11 @@ struct RowAccum {
     return m_old == neg_inf<acc_t>() ? acc_t(0) : exp2_((m_old - m_new) * k);
   }
 
-  // Adds n elements; excluded classes arrive as -inf in both (probability 0).
+  // The centre of a running maximum: the maximum, or 0 while nothing has been seen (-inf).
+  __device__ static acc_t centre(acc_t m) { return m == neg_inf<acc_t>() ? acc_t(0) : m; }
+
+  // Adds n elements; excluded classes arrive as -inf in both (probability 0). c stays
+  // centred on the running maxima (softmax_kl_recentre, csrc/softmax_kl_math.h).
   template <int N>
   __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, acc_t k, acc_t inv_T) {
     acc_t ms = m_s, mt = m_t;
@@ -87,64 +91,63 @@ struct RowAccum {
         mt = xt[i] > mt ? xt[i] : mt;
       }
     }
-    if (ms > m_s) {
-      z_s *= rescale(m_s, ms, k);
+    if (ms > m_s || mt > m_t) {
+      const acc_t ft = mt > m_t ? rescale(m_t, mt, k) : acc_t(1);
+      c = softmax_kl_recentre(c, z_t, centre(m_s), centre(m_t), centre(ms), centre(mt), inv_T, ft);
+      z_t *= ft;
+      if (ms > m_s) z_s *= rescale(m_s, ms, k);
       m_s = ms;
-    }
-    if (mt > m_t) {
-      const acc_t f = rescale(m_t, mt, k);
-      z_t *= f;
-      c *= f;
       m_t = mt;
     }
-    const acc_t ref_s = m_s == neg_inf<acc_t>() ? acc_t(0) : m_s;
-    const acc_t ref_t = m_t == neg_inf<acc_t>() ? acc_t(0) : m_t;
+    const acc_t ref_s = centre(m_s), ref_t = centre(m_t);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (i < n) {
         z_s += exp2_((xs[i] - ref_s) * k);
         const acc_t e_t = exp2_((xt[i] - ref_t) * k);
         z_t += e_t;
-        if (e_t > acc_t(0)) c += e_t * (xt[i] - xs[i]) * inv_T;  // classes of probability 0 add 0
+        // classes of probability 0 add 0
+        if (e_t > acc_t(0)) c += e_t * ((xt[i] - ref_t) - (xs[i] - ref_s)) * inv_T;
       }
     }
   }
 
-  __device__ void merge(const RowAccum& o, acc_t k) {
+  __device__ void merge(const RowAccum& o, acc_t k, acc_t inv_T) {
     const acc_t ms = o.m_s > m_s ? o.m_s : m_s, mt = o.m_t > m_t ? o.m_t : m_t;
     const acc_t fs = rescale(m_s, ms, k), fos = rescale(o.m_s, ms, k);
     const acc_t ft = rescale(m_t, mt, k), fot = rescale(o.m_t, mt, k);
+    c = softmax_kl_recentre(c, z_t, centre(m_s), centre(m_t), centre(ms), centre(mt), inv_T, ft) +
+        softmax_kl_recentre(o.c, o.z_t, centre(o.m_s), centre(o.m_t), centre(ms), centre(mt), inv_T, fot);
     z_s = z_s * fs + o.z_s * fos;
     z_t = z_t * ft + o.z_t * fot;
-    c = c * ft + o.c * fot;
     m_s = ms;
     m_t = mt;
   }
 
-  __device__ void shfl_merge(int offset, acc_t k) {
+  __device__ void shfl_merge(int offset, acc_t k, acc_t inv_T) {
     RowAccum o;
     o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
     o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
     o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
     o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
     o.c = __shfl_xor_sync(0xffffffff, c, offset);
-    merge(o, k);
+    merge(o, k, inv_T);
   }
 };
 
 // Merges every thread's statistics; the result is valid in thread 0.
 template <typename acc_t>
-__device__ RowAccum<acc_t> block_merge(RowAccum<acc_t> r, acc_t k) {
+__device__ RowAccum<acc_t> block_merge(RowAccum<acc_t> r, acc_t k, acc_t inv_T) {
   __shared__ RowAccum<acc_t> warp_stats[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k);
+  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k, inv_T);
   if (lane == 0) warp_stats[warp] = r;
   __syncthreads();
   if (warp == 0) {
     r = lane < (blockDim.x + 31) / 32 ? warp_stats[lane] : RowAccum<acc_t>::empty();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k);
+    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k, inv_T);
   }
   __syncthreads();  // warp_stats may be reused by the caller's next row
   return r;
@@ -279,7 +282,7 @@ __global__ void softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
         to_acc(rt, j0, n, status.g, xt);
         acc.add(xs, xt, n, p.k, p.inv_T);
       }
-      acc = block_merge(acc, p.k);
+      acc = block_merge(acc, p.k, p.inv_T);
       if (threadIdx.x == 0) shared_finish = finish(p, acc, status, sr, tr, out, true);
     } else if (threadIdx.x == 0) {
       p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
@@ -345,12 +348,12 @@ __global__ void softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t sli
       to_acc(rt, j0, n, status.g, xt);
       acc.add(xs, xt, n, p.k, p.inv_T);
     }
-    acc = block_merge(acc, p.k);
+    acc = block_merge(acc, p.k, p.inv_T);
     if (threadIdx.x == 0) block_stats = acc;
     cluster.sync();  // every block's statistics are visible to the cluster
     if (threadIdx.x == 0) {
       RowAccum<acc_t> total = RowAccum<acc_t>::empty();
-      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p.k);
+      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p.k, p.inv_T);
       shared_finish = finish(p, total, status, sr, tr, out, rank == 0);
     }
     cluster.sync();  // no block leaves while another may still read its statistics

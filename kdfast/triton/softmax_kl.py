@@ -27,6 +27,12 @@ def _softplus(x):
 
 
 @triton.jit
+def _overflows(x, inv_T):
+    big = x * inv_T
+    return (big - big != 0.0) & (x - x == 0.0)
+
+
+@triton.jit
 def _xlogy(x, log_y):
     return tl.where(x == 0.0, 0.0, x * log_y)
 
@@ -89,10 +95,15 @@ def _softmax_kl_kernel(
         e_s = tl.exp((xs - ref_s[:, None]) * inv_T)
         e_t = tl.exp((xt - ref_t[:, None]) * inv_T)
         rescale_t = tl.exp((m_t - ref_t) * inv_T)
+        # cross stays centred on the running maxima (softmax_kl_recentre in csrc/softmax_kl_math.h)
+        old_ref_s = tl.where(m_s == neg_inf, 0.0, m_s)
+        old_ref_t = tl.where(m_t == neg_inf, 0.0, m_t)
+        shift = ((ref_t - old_ref_t) - (ref_s - old_ref_s)) * inv_T
+        cross = tl.where(z_t == 0.0, cross, cross - z_t * shift) * rescale_t
+        gap = tl.where(e_t > 0.0, e_t * (((xt - ref_t[:, None]) - (xs - ref_s[:, None])) * inv_T), 0.0)
+        cross += tl.sum(gap, axis=1)
         z_s = z_s * tl.exp((m_s - ref_s) * inv_T) + tl.sum(e_s, axis=1)
         z_t = z_t * rescale_t + tl.sum(e_t, axis=1)
-        gap = tl.where(e_t > 0.0, e_t * ((xt - xs) * inv_T), 0.0)
-        cross = cross * rescale_t + tl.sum(gap, axis=1)
         m_s = new_m_s
         m_t = new_m_t
 
@@ -100,12 +111,15 @@ def _softmax_kl_kernel(
     scale = tl.load(scale_ptr).to(ACC)
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
-    kl = cross / z_t + (m_s - m_t) * inv_T + log_z_s - log_z_t
+    kl = cross / z_t + log_z_s - log_z_t
+    # x/T overflowing for a finite logit: no softmax, NaN (softmax_kl_overflows)
+    overflow = _overflows(m_s, inv_T) | _overflows(m_t, inv_T)
     gs = T * scale
     if DECOUPLED:
         g_safe = tl.maximum(g, 0)
         s_g = tl.load(s_ptr + s_row + g_safe * s_sv, mask=row_ok, other=0.0).to(ACC)
         t_g = tl.load(t_ptr + t_row + g_safe * t_sv, mask=row_ok, other=0.0).to(ACC)
+        overflow = overflow | _overflows(s_g, inv_T) | _overflows(t_g, inv_T)
         u_s = (s_g - m_s) * inv_T - log_z_s  # log(p_g / p_ng)
         u_t = (t_g - m_t) * inv_T - log_z_t
         log_p_g = -_softplus(-u_s)
@@ -130,7 +144,9 @@ def _softmax_kl_kernel(
         coef_s = gs / z_s
         coef_t = gs / z_t
         grad_g = tl.zeros([BLOCK_R], ACC)
-    loss = tl.where(bad_label, float("nan"), loss)
+    loss = tl.where(bad_label | overflow, float("nan"), loss)
+    coef_s = tl.where(overflow, float("nan"), coef_s)
+    grad_g = tl.where(overflow, float("nan"), grad_g)
     tl.store(loss_ptr + rows, tl.where(ignored, 0.0, loss), mask=row_ok)
 
     if COMPUTE_GRAD:

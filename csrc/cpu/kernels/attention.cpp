@@ -1,4 +1,5 @@
-// Fused attention transfer on the CPU (math: attention_math.h).
+// Fused attention transfer on the CPU (math: attention_math.h), compiled once per
+// instruction set (csrc/cpu/dispatch.h).
 //
 // Forward, for all layer pairs of a step in one call:
 //   1. channel means r = mean_c f^p of every student and teacher map, one sweep over each;
@@ -18,16 +19,17 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "attention.h"
-#include "huge_pages.h"
-#include "vec.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/memory.h"
+#include "cpu/vec.h"
 
 namespace kdfast {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 // Exponents of the general power: e as a vector, and as an integer (or -1, see
@@ -308,6 +310,8 @@ void attention_forward(AttentionForwardProblem& prob) {
   parallel_items(items, cost, [&](size_t i, int64_t b) { finish_sample<acc_t>(prob, i, b); });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
     at::TensorList f_s, at::TensorList f_t, double p) {
   AttentionForwardProblem prob = prepare_attention_forward(f_s.vec(), f_t.vec(), p);
@@ -327,6 +331,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
   });
   return {loss, prob.maps};
 }
+
+namespace {
 
 // ---- backward --------------------------------------------------------------------------
 
@@ -416,9 +422,11 @@ void attention_grads(const std::vector<GradTask>& tasks, const std::vector<doubl
   });
 }
 
+}  // namespace
+
 std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_loss, at::TensorList f_s,
                                                         at::TensorList maps, double p) {
-  AttentionBackwardProblem prob = prepare_attention_backward(f_s.vec(), maps.vec(), p);
+  AttentionBackwardProblem prob = prepare_attention_backward(f_s.vec(), maps.vec(), p, &empty_like_reused);
   KDFAST_CHECK(grad_loss.numel() == 1, "attention_transfer_backward: grad_loss must hold one value");
   const double go = grad_loss.item<double>();
   KDFAST_DISPATCH_FLOATING(prob.f_s[0].scalar_type(), "attention_transfer_backward_cpu", [&] {
@@ -429,11 +437,8 @@ std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_l
     // stores: no read of each destination line before it is written (a third of the
     // backward's traffic), and the caches keep what they held (e.g. the next maps).
     int64_t grad_bytes = 0;
-    for (const at::Tensor& g : prob.out) {
-      grad_bytes += g.nbytes();
-      advise_huge_pages(g);
-    }
-    const bool stream = grad_bytes > at::get_num_threads() * (int64_t(2) << 20);
+    for (const at::Tensor& g : prob.out) grad_bytes += g.nbytes();
+    const bool stream = stream_stores(grad_bytes, at::get_num_threads());
     for (size_t i = 0; i < prob.f_s.size(); ++i) {
       const FeatureView &vf = prob.v_f[i], &vg = prob.v_g[i];
       GradTask t{prob.f_s[i].const_data_ptr(), prob.out[i].mutable_data_ptr(), prob.maps[i].const_data_ptr(),
@@ -457,11 +462,5 @@ std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_l
   return finish_attention_backward(prob);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(kdfast_C, CPU, m) {
-  m.impl("attention_transfer_forward", &attention_transfer_forward_cpu);
-  m.impl("attention_transfer_backward", &attention_transfer_backward_cpu);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace kdfast

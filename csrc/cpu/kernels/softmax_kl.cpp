@@ -1,26 +1,37 @@
-// Fused temperature-softmax KL on the CPU (math: softmax_kl_math.h).
+// Fused temperature-softmax KL on the CPU (math: softmax_kl_math.h), compiled once per
+// instruction set (csrc/cpu/dispatch.h).
 //
-// One worker owns whole rows. Per row: sweep 1 reads s and t for their maxima; sweep 2
-// reads them again (from L2: a row of 32k fp32 logits is 128 KB) for the exponentials,
-// keeping exp((x - M)/T) in a per-thread fp32 scratch row; sweep 3 writes the gradient
-// from the scratch row. Memory beyond the inputs and the gradient: O(rows) + 2 rows of
-// scratch per thread. Two exponentials per element, vectorized (ATen Vectorized, SLEEF).
+// Rows layout (a row's classes contiguous): one worker owns whole rows, three sweeps each:
+//   1. the maxima of s and t (the row comes from memory, or from L2 when prefetched);
+//   2. from the caches: y = (x - M) log2(e)/T and e = 2^y on both sides, the only two
+//      exponentials per element (exp2_nonpositive, csrc/cpu/vec.h), kept in a per-thread
+//      scratch row, and the sums Z_s, Z_t, cross; meanwhile the next row is prefetched into
+//      L2, so that its trip from memory overlaps this row's arithmetic;
+//   3. grad = a e_s - b e_t from the scratch row, with non-temporal stores when the
+//      gradient outgrows the caches (no read of the lines it overwrites).
+// Traffic: read s, read t, write grad: the minimum. Memory beyond the inputs and the
+// gradient: O(rows) + 2 rows of scratch per thread. The gradient's memory is reused from
+// call to call (csrc/cpu/memory.h): a fresh one would cost more page faults than compute.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
+#include <ATen/ops/empty_like.h>
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
-#include "huge_pages.h"
+#include "cpu/kernels/kernels.h"
+#include "cpu/memory.h"
+#include "cpu/vec.h"
 #include "softmax_kl.h"
-#include "vec.h"
 
 namespace kdfast {
+inline namespace CPU_CAPABILITY {
 namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
 
 // Rows layout: row r's classes are contiguous.
 template <typename scalar_t>
@@ -36,18 +47,25 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
   scalar_t* grad = p.compute_grad ? p.grad.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* row_loss = p.row_loss.mutable_data_ptr<acc_t>();
   const int64_t* target = p.target.defined() ? p.target.const_data_ptr<int64_t>() : nullptr;
-  const acc_t T = p.T, inv_T = acc_t(1) / T, alpha = p.alpha, beta = p.beta;
+  const acc_t T = p.T, alpha = p.alpha, beta = p.beta;
+  const acc_t k = static_cast<acc_t>(kLog2e / p.T);  // y in log2 units: e = 2^((x - M) k)
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
+  const bool stream = grad != nullptr && stream_stores(p.grad.nbytes(), at::get_num_threads());
+  const int64_t padded = (V + K - 1) / K * K + K;  // whole vectors from any class on
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    acc_t* es = scratch<acc_t>(2 * V);  // exp((s - M_s)/T), then exp((t - M_t)/T)
-    acc_t* et = es + V;
+    acc_t* es = scratch<acc_t>(2 * padded);  // 2^ys, then 2^yt
+    acc_t* et = es + padded;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t a = r / sv.I, i = r % sv.I;
       const scalar_t* sr = s + a * sv.stride_a + i * sv.stride_i;
       const scalar_t* tr = t + a * tv.stride_a + i * tv.stride_i;
       scalar_t* gr = grad ? grad + a * gv.stride_a + i * gv.stride_i : nullptr;
+      // The next row of this worker, fetched into L2 during sweep 2 (nullptr: none).
+      const int64_t an = (r + 1) / sv.I, in = (r + 1) % sv.I;
+      const scalar_t* sn = r + 1 < end ? s + an * sv.stride_a + in * sv.stride_i : nullptr;
+      const scalar_t* tn = r + 1 < end ? t + an * tv.stride_a + in * tv.stride_i : nullptr;
       const int64_t out = a * sv.row_stride_a + i * sv.row_stride_i;
       int64_t g = -1;  // DecoupledKD's target class, excluded from the sweeps
       if (target) {
@@ -66,46 +84,65 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
       const int64_t seg_begin[2] = {0, g + 1}, seg_end[2] = {g < 0 ? V : g, V};
       const int nseg = g < 0 ? 1 : 2;
 
-      Vec vmax_s(neg_inf), vmax_t(neg_inf);
-      for (int k = 0; k < nseg; ++k) {
-        int64_t j = seg_begin[k];
-        for (; j + K <= seg_end[k]; j += K) {
-          vmax_s = at::vec::maximum(vmax_s, L::load(sr + j));
-          vmax_t = at::vec::maximum(vmax_t, L::load(tr + j));
+      // Sweep 1: maxima. A NaN may be dropped here: it still reaches the sums of sweep 2.
+      Vec max_s0(neg_inf), max_s1(neg_inf), max_t0(neg_inf), max_t1(neg_inf);
+      for (int seg = 0; seg < nseg; ++seg) {
+        int64_t j = seg_begin[seg];
+        for (; j + 2 * K <= seg_end[seg]; j += 2 * K) {
+          max_s0 = max_dropping_nan(max_s0, L::load(sr + j));
+          max_t0 = max_dropping_nan(max_t0, L::load(tr + j));
+          max_s1 = max_dropping_nan(max_s1, L::load(sr + j + K));
+          max_t1 = max_dropping_nan(max_t1, L::load(tr + j + K));
         }
-        if (const int64_t n = seg_end[k] - j; n > 0) {
-          vmax_s = at::vec::maximum(vmax_s, Vec::set(Vec(neg_inf), L::load(sr + j, n), n));
-          vmax_t = at::vec::maximum(vmax_t, Vec::set(Vec(neg_inf), L::load(tr + j, n), n));
+        for (; j < seg_end[seg]; j += K) {
+          const int64_t n = std::min(K, seg_end[seg] - j);
+          max_s0 = max_dropping_nan(max_s0, Vec::set(Vec(neg_inf), L::load(sr + j, n), n));
+          max_t0 = max_dropping_nan(max_t0, Vec::set(Vec(neg_inf), L::load(tr + j, n), n));
         }
       }
       SoftmaxKLRowStats<acc_t> st{};
-      st.max_s = reduce_max(vmax_s);
-      st.max_t = reduce_max(vmax_t);
+      st.max_s = reduce_max(max_dropping_nan(max_s0, max_s1));
+      st.max_t = reduce_max(max_dropping_nan(max_t0, max_t1));
 
-      const Vec M_s(st.max_s), M_t(st.max_t), vinv_T(inv_T), zero(0);
+      // Sweep 2: both sides centred on their maxima, their exponentials and the sums.
+      // y = x k - M k in one FMA (exact product, one rounding): the rounding of M k shifts
+      // a whole side by one constant, which cancels in its softmax and in the loss. Where
+      // M k overflows (|logits| near the float maximum), y = (x - M) k instead.
+      const Vec vk(k), zero(0);
       Vec sum_s(0), sum_t(0), cross(0);
-      for (int k = 0; k < nseg; ++k) {
-        for (int64_t j = seg_begin[k]; j < seg_end[k]; j += K) {
-          const int64_t n = std::min(K, seg_end[k] - j);
-          const Vec xs = L::load(sr + j, n), xt = L::load(tr + j, n);
-          Vec e_s = ((xs - M_s) * vinv_T).exp(), e_t = ((xt - M_t) * vinv_T).exp();
-          // Masked-out classes (e_t = 0, e.g. -inf logits) add nothing, not 0 * inf.
-          Vec c = Vec::blendv(e_t * ((xt - xs) * vinv_T), zero, e_t == zero);
-          if (n < K) {  // padding lanes
-            e_s = Vec::set(zero, e_s, n);
-            e_t = Vec::set(zero, e_t, n);
-            c = Vec::set(zero, c, n);
+      const auto sweep2 = [&](auto centre) {
+        for (int seg = 0; seg < nseg; ++seg) {
+          for (int64_t j = seg_begin[seg]; j < seg_end[seg]; j += K) {
+            if (sn != nullptr) {
+              prefetch_l2(sn + j);
+              prefetch_l2(tn + j);
+            }
+            const int64_t n = std::min(K, seg_end[seg] - j);
+            const Vec ys = centre(L::load(sr + j, n), true), yt = centre(L::load(tr + j, n), false);
+            Vec e_s = exp2_nonpositive(ys), e_t = exp2_nonpositive(yt);
+            if (n < K) {  // padding lanes
+              e_s = Vec::set(zero, e_s, n);
+              e_t = Vec::set(zero, e_t, n);
+            }
+            e_s.store(es + j);
+            e_t.store(et + j);
+            sum_s = sum_s + e_s;
+            sum_t = sum_t + e_t;
+            cross = fma_where_nonzero(e_t, yt - ys, cross);  // classes of probability 0 add nothing
           }
-          e_s.store(es + j, n);
-          e_t.store(et + j, n);
-          sum_s = sum_s + e_s;
-          sum_t = sum_t + e_t;
-          cross = cross + c;
         }
+      };
+      const acc_t mk_s = st.max_s * k, mk_t = st.max_t * k;
+      if (std::isfinite(mk_s) && std::isfinite(mk_t)) {
+        const Vec neg_mk_s(-mk_s), neg_mk_t(-mk_t);
+        sweep2([&](const Vec& x, bool student) { return at::vec::fmadd(x, vk, student ? neg_mk_s : neg_mk_t); });
+      } else {
+        const Vec M_s(st.max_s), M_t(st.max_t);
+        sweep2([&](const Vec& x, bool student) { return (x - (student ? M_s : M_t)) * vk; });
       }
       st.sum_s = reduce_sum(sum_s);
       st.sum_t = reduce_sum(sum_t);
-      st.cross = reduce_sum(cross);
+      st.cross = reduce_sum(cross) * static_cast<acc_t>(kLn2);  // log2 units to nats
       if (g >= 0) {
         st.s_g = static_cast<acc_t>(sr[g]);
         st.t_g = static_cast<acc_t>(tr[g]);
@@ -113,15 +150,23 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
       const auto res = softmax_kl_finish_row<acc_t>(st, T, p.decoupled, alpha, beta, scale);
       row_loss[out] = res.loss;
       if (!gr) continue;
+
+      // Sweep 3: the gradient.
       const Vec va(res.a), vb(res.b);
-      for (int k = 0; k < nseg; ++k) {
-        for (int64_t j = seg_begin[k]; j < seg_end[k]; j += K) {
-          const int64_t n = std::min(K, seg_end[k] - j);
-          L::store(gr + j, va * Vec::loadu(es + j, n) - vb * Vec::loadu(et + j, n), n);
+      for (int seg = 0; seg < nseg; ++seg) {
+        for (int64_t j = seg_begin[seg]; j < seg_end[seg]; j += K) {
+          const int64_t n = std::min(K, seg_end[seg] - j);
+          const Vec value = va * Vec::loadu(es + j) - vb * Vec::loadu(et + j);
+          if (stream && n == K) {
+            L::store_stream(gr + j, value);
+          } else {
+            L::store(gr + j, value, n);
+          }
         }
       }
       if (g >= 0) gr[g] = static_cast<scalar_t>(res.grad_g);
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -141,7 +186,8 @@ void softmax_kl_columns(const SoftmaxKLProblem& p, double scale) {
   scalar_t* grad = p.compute_grad ? p.grad.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* row_loss = p.row_loss.mutable_data_ptr<acc_t>();
   const int64_t* target = p.target.defined() ? p.target.const_data_ptr<int64_t>() : nullptr;
-  const acc_t T = p.T, inv_T = acc_t(1) / T, alpha = p.alpha, beta = p.beta;
+  const acc_t T = p.T, alpha = p.alpha, beta = p.beta;
+  const acc_t k = static_cast<acc_t>(kLog2e / p.T);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(V, 1));
 
@@ -168,7 +214,7 @@ void softmax_kl_columns(const SoftmaxKLProblem& p, double scale) {
         }
       }
       const Vec vg = Vec::loadu(lane_g), ignored = Vec::loadu(lane_ignored) != Vec(0);
-      const Vec zero(0), vneg_inf(neg_inf), vinv_T(inv_T);
+      const Vec zero(0), vneg_inf(neg_inf), vk(k);
 
       Vec vmax_s(neg_inf), vmax_t(neg_inf);
       for (int64_t j = 0; j < V; ++j) {
@@ -179,14 +225,15 @@ void softmax_kl_columns(const SoftmaxKLProblem& p, double scale) {
       Vec sum_s(0), sum_t(0), cross(0);
       for (int64_t j = 0; j < V; ++j) {
         const Vec is_g = vg == Vec(static_cast<acc_t>(j));
-        const Vec xs = L::load(sb + j * sv.stride_v, n), xt = L::load(tb + j * tv.stride_v, n);
-        const Vec e_s = Vec::blendv(((xs - vmax_s) * vinv_T).exp(), zero, is_g);
-        const Vec e_t = Vec::blendv(((xt - vmax_t) * vinv_T).exp(), zero, is_g);
+        const Vec ys = (L::load(sb + j * sv.stride_v, n) - vmax_s) * vk;
+        const Vec yt = (L::load(tb + j * tv.stride_v, n) - vmax_t) * vk;
+        const Vec e_s = Vec::blendv(exp2_nonpositive(ys), zero, is_g);
+        const Vec e_t = Vec::blendv(exp2_nonpositive(yt), zero, is_g);
         e_s.store(es + j * K);
         e_t.store(et + j * K);
         sum_s = sum_s + e_s;
         sum_t = sum_t + e_t;
-        cross = cross + Vec::blendv(e_t * ((xt - xs) * vinv_T), zero, e_t == zero);
+        cross = fma_where_nonzero(e_t, yt - ys, cross);
       }
       acc_t m_s[K], m_t[K], z_s[K], z_t[K], c[K], a_l[K], b_l[K], gg[K];
       vmax_s.store(m_s);
@@ -201,7 +248,7 @@ void softmax_kl_columns(const SoftmaxKLProblem& p, double scale) {
           row_loss[out0 + l * sv.row_stride_i] = 0;
           continue;
         }
-        SoftmaxKLRowStats<acc_t> st{m_s[l], z_s[l], m_t[l], z_t[l], c[l], 0, 0};
+        SoftmaxKLRowStats<acc_t> st{m_s[l], z_s[l], m_t[l], z_t[l], c[l] * static_cast<acc_t>(kLn2), 0, 0};
         if (p.decoupled) {
           const int64_t g = static_cast<int64_t>(lane_g[l]);
           st.s_g = static_cast<acc_t>(sb[g * sv.stride_v + l]);
@@ -226,15 +273,37 @@ void softmax_kl_columns(const SoftmaxKLProblem& p, double scale) {
   });
 }
 
+// y = exp(x) over `x` (float32, values <= 0), `repeats` times, split between the threads.
+template <typename Exp>
+at::Tensor exp_over(const at::Tensor& x, int64_t repeats, const Exp& exp) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t K = Vec::size();
+  at::Tensor y = at::empty_like(x);
+  const float* in = x.const_data_ptr<float>();
+  float* out = y.mutable_data_ptr<float>();
+  const int64_t n = x.numel();
+  const int64_t grain = std::max<int64_t>(K, n / std::max(1, at::get_num_threads()));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t rep = 0; rep < repeats; ++rep) {
+      for (int64_t j = begin; j < end; j += K) {
+        const int64_t m = std::min(K, end - j);
+        exp(Vec::loadu(in + j, m)).store(out + j, m);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at::Tensor& t,
                                                   const std::optional<at::Tensor>& target,
                                                   const at::Tensor& scale, int64_t dim, double T,
                                                   int64_t ignore_index, double alpha, double beta,
                                                   bool decoupled, bool compute_grad) {
-  const SoftmaxKLProblem p =
-      prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
+  const SoftmaxKLProblem p = prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled,
+                                                compute_grad, &empty_like_reused);
   const double grad_scale = scale.item<double>();
-  advise_huge_pages(p.grad);
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cpu", [&] {
     if (p.layout == KernelLayout::Rows) {
       softmax_kl_rows<scalar_t>(p, grad_scale);
@@ -245,8 +314,18 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at:
   return {p.row_loss, p.grad};
 }
 
-}  // namespace
+at::Tensor cpu_exp(const at::Tensor& x, c10::string_view impl, int64_t repeats) {
+  KDFAST_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+               "cpu_exp: x must be a contiguous float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  KDFAST_CHECK(repeats >= 1, "cpu_exp: repeats must be >= 1, got ", repeats);
+  using Vec = Vectorized<float>;
+  if (impl == "kernel") {
+    const Vec log2e(static_cast<float>(kLog2e));
+    return exp_over(x, repeats, [&](const Vec& v) { return exp2_nonpositive(v * log2e); });
+  }
+  KDFAST_CHECK(impl == "sleef", "cpu_exp: impl must be 'kernel' or 'sleef', got '", std::string(impl), "'");
+  return exp_over(x, repeats, [](const Vec& v) { return v.exp(); });
+}
 
-TORCH_LIBRARY_IMPL(kdfast_C, CPU, m) { m.impl("softmax_kl", &softmax_kl_cpu); }
-
+}  // namespace CPU_CAPABILITY
 }  // namespace kdfast

@@ -1,0 +1,50 @@
+// Which build of the CPU kernels runs: kdfast compiles csrc/cpu/kernels/*.cpp once per
+// instruction set, as ATen does (CPU_CAPABILITY: DEFAULT everywhere, AVX2 and AVX512 on
+// x86-64; see setup.py), each build into its own namespace kdfast::<capability> with a table
+// of its entry points. The operators registered for the CPU (csrc/cpu/dispatch.cpp) call
+// the table of the capability in use: by default ATen's own choice
+// (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY lowers), or
+// KDFAST_CPU_CAPABILITY (default / avx2 / avx512) when set; never one this CPU lacks.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace kdfast {
+
+// One build's entry points: the kdfast_C operators' CPU implementations (signatures as in
+// the schemas, csrc/kdfast.cpp).
+struct CpuKernels {
+  std::tuple<at::Tensor, at::Tensor> (*softmax_kl)(const at::Tensor& s, const at::Tensor& t,
+                                                   const std::optional<at::Tensor>& target,
+                                                   const at::Tensor& scale, int64_t dim, double T,
+                                                   int64_t ignore_index, double alpha, double beta,
+                                                   bool decoupled, bool compute_grad);
+  std::tuple<at::Tensor, std::vector<at::Tensor>> (*attention_transfer_forward)(at::TensorList f_s,
+                                                                                at::TensorList f_t, double p);
+  std::vector<at::Tensor> (*attention_transfer_backward)(const at::Tensor& grad_loss, at::TensorList f_s,
+                                                         at::TensorList maps, double p);
+  at::Tensor (*cpu_exp)(const at::Tensor& x, c10::string_view impl, int64_t repeats);
+};
+
+// Defined once per build in csrc/cpu/kernels/table.cpp.
+#define KDFAST_DECLARE_CPU_KERNELS(CAPABILITY) \
+  namespace CAPABILITY {                       \
+  extern const CpuKernels kCpuKernels;         \
+  }
+
+// The capability in use ("DEFAULT", "AVX2", "AVX512") and its kernels.
+std::string cpu_capability();
+const CpuKernels& cpu_kernels();
+// The builds in this kdfast._C, comma-separated, and those this CPU can run.
+std::string cpu_capabilities_built();
+std::string cpu_capabilities_supported();
+// Switch to another build (its name, any case); returns the previous one. For tests and
+// benchmarks: raises for a build this CPU cannot run.
+std::string set_cpu_capability(c10::string_view name);
+
+}  // namespace kdfast
