@@ -305,13 +305,19 @@ _VMSTAT_KEYS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "pgfau
 
 
 def _vmstat() -> dict[str, int]:
-    """Counters of transparent huge pages and compaction (Linux; {} elsewhere)."""
+    """Counters of transparent huge pages and compaction (Linux; {} elsewhere), and on a
+    virtual machine with free page reporting, the KB of freed memory handed back to the host
+    (which then faults it in again on its next use)."""
+    counters = {}
     try:
         with open("/proc/vmstat") as f:
             pairs = (line.split() for line in f)
-            return {k: int(v) for k, v in pairs if k in _VMSTAT_KEYS}
-    except OSError:
-        return {}
+            counters = {k: int(v) for k, v in pairs if k in _VMSTAT_KEYS}
+        with open("/sys/module/page_reporting/parameters/reported_kib") as f:
+            counters["page_reporting_reported_kib"] = int(f.read())
+    except (OSError, ValueError):
+        pass
+    return counters
 
 
 def _page_faults() -> int:

@@ -31,7 +31,7 @@ struct CpuKernels {
   at::Tensor (*cpu_exp)(const at::Tensor& x, c10::string_view impl, int64_t repeats);
 };
 
-// Defined once per build in csrc/cpu/kernels/table.cpp.
+// Defined once per build, at the end of csrc/cpu/kernels/softmax_kl.cpp.
 #define KDFAST_DECLARE_CPU_KERNELS(CAPABILITY) \
   namespace CAPABILITY {                       \
   extern const CpuKernels kCpuKernels;         \

@@ -327,5 +327,11 @@ at::Tensor cpu_exp(const at::Tensor& x, c10::string_view impl, int64_t repeats) 
   return exp_over(x, repeats, [](const Vec& v) { return v.exp(); });
 }
 
+// This build's table of entry points (csrc/cpu/dispatch.h); here rather than in a file of
+// its own, which would cost one more compile per build of the heavy ATen headers.
+extern const CpuKernels kCpuKernels;
+const CpuKernels kCpuKernels{&softmax_kl_cpu, &attention_transfer_forward_cpu, &attention_transfer_backward_cpu,
+                             &cpu_exp};
+
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfast
