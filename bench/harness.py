@@ -55,6 +55,7 @@ class Steadiness:
     providers: list[str]
     temporary_bytes: int
     max_p90_ratio: float = 1.25
+    fresh_bytes: int | None = None  # also time the first write of this much fresh memory (fresh_memory)
 
 
 @dataclass
@@ -268,6 +269,8 @@ def _format(r: dict[str, Any]) -> str:
     if r["kind"] == "memory":
         of = f" = {r['fraction']:g} x {r['baseline']}" if "baseline" in r else ""
         return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}{of}: {met})"
+    if r["kind"] == "fresh_memory":
+        return f"{head} {_format_extra(r)}"
     if r["kind"] in ("steadiness", "roofline", "copy_fraction"):
         return f"{head} {_format_extra(r)} ({met})"
     text = f"{head} {r['median_ms']:10.3f} ms (p90 {r['p90_ms']:.3f}, first {r['first_ms']:.3f})"
@@ -360,10 +363,62 @@ def steadiness_series(run: Runner, case: Case, repeat: int) -> dict[str, Any]:
             "temporary_mb": case.steadiness.temporary_bytes / 2**20}
 
 
+def fresh_memory(nbytes: int, pause_s: float = 3.0) -> dict[str, Any]:
+    """Milliseconds (and system milliseconds) to write ``nbytes`` of memory as a kernel writes a
+    new output, on this machine's threads: fresh with 4 KB pages, fresh advised as 2 MB huge
+    pages (right after the same amount was freed, and after a pause of ``pause_s``: on a
+    virtual machine with free page reporting the freed memory goes back to the host meanwhile),
+    and memory written before. Linux (huge pages through madvise)."""
+    import ctypes
+    import resource
+    libc = ctypes.CDLL(None)
+    huge = 2 << 20
+
+    def write(advise: bool, pause: float = 0.0, x: torch.Tensor | None = None):
+        time.sleep(pause)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        if x is None:
+            x = torch.empty(nbytes // 4)
+            if advise:
+                begin = (x.data_ptr() + huge - 1) & ~(huge - 1)
+                end = (x.data_ptr() + x.nbytes) & ~(huge - 1)
+                libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(max(0, end - begin)), 14)  # MADV_HUGEPAGE
+        x.fill_(1.0)
+        ms = (time.perf_counter() - t0) * 1e3
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return x, {"ms": ms, "system_ms": (r1.ru_stime - r0.ru_stime) * 1e3}
+
+    out = {"mb": nbytes / 2**20}
+    x, _ = write(True)  # warm-up: the process's first large allocation
+    del x
+    x, out["fresh_4k_pages"] = write(False)
+    del x
+    x, out["fresh_huge_pages"] = write(True)
+    del x
+    vm0 = _vmstat()
+    x, out["fresh_huge_pages_after_pause"] = write(True, pause_s)
+    vm1 = _vmstat()
+    out["fresh_huge_pages_after_pause"]["pause_s"] = pause_s
+    if "page_reporting_reported_kib" in vm0:
+        out["fresh_huge_pages_after_pause"]["reported_to_host_mb"] = (
+            vm1["page_reporting_reported_kib"] - vm0["page_reporting_reported_kib"]) / 1024
+    _, out["written_before"] = write(True, x=x)
+    return out
+
+
 def steadiness_records(case: Case, base: dict[str, Any], measured: dict[str, dict]) -> list[dict[str, Any]]:
     records = []
     if case.steadiness is None:
         return records
+    if case.steadiness.fresh_bytes and case.device == "cpu":
+        try:
+            record = {**base, "kind": "fresh_memory", "provider": "first write", "met": True,
+                      **fresh_memory(case.steadiness.fresh_bytes)}
+        except (OSError, AttributeError) as e:
+            record = {**base, "kind": "fresh_memory", "provider": "first write", "met": True,
+                      "error": f"{type(e).__name__}: {e}"}
+        records.append(record)
     limit = case.steadiness.max_p90_ratio
     for name in case.steadiness.providers:
         series = measured.get(name, {}).get("steadiness")
@@ -460,6 +515,10 @@ def roofline_records(case: Case, base: dict[str, Any], measured: dict[str, dict]
 def _format_extra(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"ERROR {r['error']}"
+    if r["kind"] == "fresh_memory":
+        return (f"{r['mb']:.0f} MB: 4 KB pages {r['fresh_4k_pages']['ms']:.1f} ms, huge pages "
+                f"{r['fresh_huge_pages']['ms']:.1f} ms, huge pages after a pause "
+                f"{r['fresh_huge_pages_after_pause']['ms']:.1f} ms, written before {r['written_before']['ms']:.1f} ms")
     if r["kind"] == "steadiness":
         return (f"first {r['first_ms']:.1f} ms, p90 {r['p90_ratio']:.2f}x median {r['median_ms']:.1f} ms, "
                 f"interleaved with {r['temporary_mb']:.0f} MB: median {r['interleaved_median_ms']:.1f}, "

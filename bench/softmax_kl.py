@@ -73,7 +73,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
                      min_bytes=3 * n * v * 4,
                      floors=[Floor("kdfast-cpu", "fasterai-eager", 4.0), Floor("kdfast-cpu", "torch-compile", 1.5)],
-                     steadiness=Steadiness(["kdfast-cpu"], (2**26 if quick else 1_250_000_000)),
+                     steadiness=Steadiness(["kdfast-cpu"], (2**26 if quick else 1_250_000_000), fresh_bytes=n * v * 4),
                      roofline=Roofline("kdfast-cpu", exps=2 * n * v, within=1.5))]
     n, v = (1024, 32000) if quick else (8192, 128256)
     dtype = torch.bfloat16
