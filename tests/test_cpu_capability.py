@@ -169,3 +169,20 @@ def test_no_avx_instructions_outside_the_avx_builds():
                 offenders.add(name)
     assert disassembly.returncode == 0 and name is not None
     assert not offenders, f"AVX code outside the AVX builds: {sorted(offenders)[:10]}"
+
+
+@pytest.mark.parametrize("loss", ["rkd", "pkt", "similarity_preserving"])
+def test_relational_losses_on_every_build(capability, loss):
+    g = torch.Generator().manual_seed(3)
+    e_s, e_t = torch.randn(19, 2, 4, 5, generator=g), torch.randn(19, 3, 4, 5, generator=g)
+    fn = getattr(KF, loss)
+    results = []
+    for backend, dtype in (("cpu", torch.float32), ("torch", torch.float64)):
+        x = e_s.detach().to(dtype).requires_grad_()
+        with kdfast.use_backend(backend):
+            value = fn(x, e_t.to(dtype))
+        value.backward()
+        results.append((value.detach(), x.grad))
+    (value, grad), (ref_value, ref_grad) = results
+    assert_close(value, ref_value, LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close(grad, ref_grad, TOLERANCE[torch.float32], "grad")

@@ -24,15 +24,20 @@ namespace {
 
 struct Build {
   const char* name;
-  const CpuKernels* kernels;
+  CpuKernels kernels;
 };
+
+#define KDFAST_BUILD(CAPABILITY)                                                                       \
+  {                                                                                                    \
+    #CAPABILITY, { &CAPABILITY::kSoftmaxKLKernels, &CAPABILITY::kAttentionKernels, &CAPABILITY::kRelationalKernels } \
+  }
 
 // Most portable first: the index is the capability's rank.
 const Build kBuilds[] = {
-    {"DEFAULT", &DEFAULT::kCpuKernels},
+    KDFAST_BUILD(DEFAULT),
 #if KDFAST_CPU_X86
-    {"AVX2", &AVX2::kCpuKernels},
-    {"AVX512", &AVX512::kCpuKernels},
+    KDFAST_BUILD(AVX2),
+    KDFAST_BUILD(AVX512),
 #endif
 };
 constexpr int kNumBuilds = sizeof(kBuilds) / sizeof(kBuilds[0]);
@@ -96,7 +101,7 @@ std::atomic<int>& current_build() {
 
 std::string cpu_capability() { return kBuilds[current_build().load()].name; }
 
-const CpuKernels& cpu_kernels() { return *kBuilds[current_build().load()].kernels; }
+const CpuKernels& cpu_kernels() { return kBuilds[current_build().load()].kernels; }
 
 std::string cpu_capabilities_built() {
   std::string names;
@@ -125,21 +130,36 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl(const at::Tensor& s, const at::Ten
                                               const std::optional<at::Tensor>& target, const at::Tensor& scale,
                                               int64_t dim, double T, int64_t ignore_index, double alpha,
                                               double beta, bool decoupled, bool compute_grad) {
-  return cpu_kernels().softmax_kl(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward(at::TensorList f_s, at::TensorList f_t,
-                                                                           double p) {
-  return cpu_kernels().attention_transfer_forward(f_s, f_t, p);
-}
-
-std::vector<at::Tensor> attention_transfer_backward(const at::Tensor& grad_loss, at::TensorList f_s,
-                                                    at::TensorList maps, double p) {
-  return cpu_kernels().attention_transfer_backward(grad_loss, f_s, maps, p);
+  return cpu_kernels().softmax_kl->softmax_kl(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled,
+                                              compute_grad);
 }
 
 at::Tensor cpu_exp(const at::Tensor& x, c10::string_view impl, int64_t repeats) {
-  return cpu_kernels().cpu_exp(x, impl, repeats);
+  return cpu_kernels().softmax_kl->cpu_exp(x, impl, repeats);
+}
+
+std::tuple<at::Tensor, Tensors> attention_transfer_forward(at::TensorList f_s, at::TensorList f_t, double p) {
+  return cpu_kernels().attention->forward(f_s, f_t, p);
+}
+
+Tensors attention_transfer_backward(const at::Tensor& grad_loss, at::TensorList f_s, at::TensorList maps,
+                                    double p) {
+  return cpu_kernels().attention->backward(grad_loss, f_s, maps, p);
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_gram(const at::Tensor& g_s, const at::Tensor& g_t, double dist_weight,
+                                            double angle_weight, double tol, bool compute_grad) {
+  return cpu_kernels().relational->rkd(g_s, g_t, dist_weight, angle_weight, tol, compute_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> pkt_gram(const at::Tensor& g_s, const at::Tensor& g_t, double eps,
+                                            bool compute_grad) {
+  return cpu_kernels().relational->pkt(g_s, g_t, eps, compute_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_gram(const at::Tensor& g_s, const at::Tensor& g_t, double p,
+                                                   bool compute_grad) {
+  return cpu_kernels().relational->similarity(g_s, g_t, p, compute_grad);
 }
 
 }  // namespace
@@ -149,6 +169,9 @@ TORCH_LIBRARY_IMPL(kdfast_C, CPU, m) {
   m.impl("attention_transfer_forward", &attention_transfer_forward);
   m.impl("attention_transfer_backward", &attention_transfer_backward);
   m.impl("cpu_exp", &cpu_exp);
+  m.impl("rkd_gram", &rkd_gram);
+  m.impl("pkt_gram", &pkt_gram);
+  m.impl("similarity_gram", &similarity_gram);
 }
 
 }  // namespace kdfast

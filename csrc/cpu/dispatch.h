@@ -16,26 +16,42 @@
 
 namespace kdfast {
 
-// One build's entry points: the kdfast_C operators' CPU implementations (signatures as in
-// the schemas, csrc/kdfast.cpp).
-struct CpuKernels {
+// One build's entry points, a table per kernel file (defined at the end of each
+// csrc/cpu/kernels/*.cpp): the kdfast_C operators' CPU implementations, with the signatures
+// of their schemas (csrc/kdfast.cpp).
+using Tensors = std::vector<at::Tensor>;
+struct SoftmaxKLKernels {
   std::tuple<at::Tensor, at::Tensor> (*softmax_kl)(const at::Tensor& s, const at::Tensor& t,
                                                    const std::optional<at::Tensor>& target,
                                                    const at::Tensor& scale, int64_t dim, double T,
                                                    int64_t ignore_index, double alpha, double beta,
                                                    bool decoupled, bool compute_grad);
-  std::tuple<at::Tensor, std::vector<at::Tensor>> (*attention_transfer_forward)(at::TensorList f_s,
-                                                                                at::TensorList f_t, double p);
-  std::vector<at::Tensor> (*attention_transfer_backward)(const at::Tensor& grad_loss, at::TensorList f_s,
-                                                         at::TensorList maps, double p);
   at::Tensor (*cpu_exp)(const at::Tensor& x, c10::string_view impl, int64_t repeats);
 };
+struct AttentionKernels {
+  std::tuple<at::Tensor, Tensors> (*forward)(at::TensorList f_s, at::TensorList f_t, double p);
+  Tensors (*backward)(const at::Tensor& grad_loss, at::TensorList f_s, at::TensorList maps, double p);
+};
+using GramKernel = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& g_s, const at::Tensor& g_t, double,
+                                                          bool compute_grad);
+struct RelationalKernels {
+  std::tuple<at::Tensor, at::Tensor> (*rkd)(const at::Tensor& g_s, const at::Tensor& g_t, double dist_weight,
+                                            double angle_weight, double tol, bool compute_grad);
+  GramKernel pkt, similarity;
+};
 
-// Defined once per build, at the end of csrc/cpu/kernels/softmax_kl.cpp.
-#define KDFAST_DECLARE_CPU_KERNELS(CAPABILITY) \
-  namespace CAPABILITY {                       \
-  extern const CpuKernels kCpuKernels;         \
+#define KDFAST_DECLARE_CPU_KERNELS(CAPABILITY)       \
+  namespace CAPABILITY {                             \
+  extern const SoftmaxKLKernels kSoftmaxKLKernels;   \
+  extern const AttentionKernels kAttentionKernels;   \
+  extern const RelationalKernels kRelationalKernels; \
   }
+
+struct CpuKernels {
+  const SoftmaxKLKernels* softmax_kl;
+  const AttentionKernels* attention;
+  const RelationalKernels* relational;
+};
 
 // The capability in use ("DEFAULT", "AVX2", "AVX512") and its kernels.
 std::string cpu_capability();

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "attention.h"
-#include "cpu/kernels/kernels.h"
+#include "cpu/dispatch.h"
 #include "cpu/memory.h"
 #include "cpu/vec.h"
 
@@ -310,8 +310,6 @@ void attention_forward(AttentionForwardProblem& prob) {
   parallel_items(items, cost, [&](size_t i, int64_t b) { finish_sample<acc_t>(prob, i, b); });
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
     at::TensorList f_s, at::TensorList f_t, double p) {
   AttentionForwardProblem prob = prepare_attention_forward(f_s.vec(), f_t.vec(), p);
@@ -331,8 +329,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> attention_transfer_forward_cpu(
   });
   return {loss, prob.maps};
 }
-
-namespace {
 
 // ---- backward --------------------------------------------------------------------------
 
@@ -422,8 +418,6 @@ void attention_grads(const std::vector<GradTask>& tasks, const std::vector<doubl
   });
 }
 
-}  // namespace
-
 std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_loss, at::TensorList f_s,
                                                         at::TensorList maps, double p) {
   AttentionBackwardProblem prob = prepare_attention_backward(f_s.vec(), maps.vec(), p, &empty_like_reused);
@@ -461,6 +455,11 @@ std::vector<at::Tensor> attention_transfer_backward_cpu(const at::Tensor& grad_l
   });
   return finish_attention_backward(prob);
 }
+
+}  // namespace
+
+extern const AttentionKernels kAttentionKernels;
+const AttentionKernels kAttentionKernels{&attention_transfer_forward_cpu, &attention_transfer_backward_cpu};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfast

@@ -21,7 +21,7 @@
 #include <limits>
 #include <vector>
 
-#include "cpu/kernels/kernels.h"
+#include "cpu/dispatch.h"
 #include "cpu/memory.h"
 #include "cpu/vec.h"
 #include "softmax_kl.h"
@@ -294,8 +294,6 @@ at::Tensor exp_over(const at::Tensor& x, int64_t repeats, const Exp& exp) {
   return y;
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at::Tensor& t,
                                                   const std::optional<at::Tensor>& target,
                                                   const at::Tensor& scale, int64_t dim, double T,
@@ -327,11 +325,10 @@ at::Tensor cpu_exp(const at::Tensor& x, c10::string_view impl, int64_t repeats) 
   return exp_over(x, repeats, [](const Vec& v) { return v.exp(); });
 }
 
-// This build's table of entry points (csrc/cpu/dispatch.h); here rather than in a file of
-// its own, which would cost one more compile per build of the heavy ATen headers.
-extern const CpuKernels kCpuKernels;
-const CpuKernels kCpuKernels{&softmax_kl_cpu, &attention_transfer_forward_cpu, &attention_transfer_backward_cpu,
-                             &cpu_exp};
+}  // namespace
+
+extern const SoftmaxKLKernels kSoftmaxKLKernels;
+const SoftmaxKLKernels kSoftmaxKLKernels{&softmax_kl_cpu, &cpu_exp};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfast

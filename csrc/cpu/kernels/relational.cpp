@@ -1,4 +1,5 @@
-// Relational losses on the CPU, from the two Gram matrices (math: relational_math.h).
+// Relational losses on the CPU, from the two Gram matrices (math: relational_math.h),
+// compiled once per instruction set (csrc/cpu/dispatch.h).
 //
 // The B x B stages (pair values, distance loss, PKT and similarity rows, assembling S)
 // run one row per task. The RKD angle term is the only B^3 part: one task per row j of
@@ -12,12 +13,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
+#include "cpu/dispatch.h"
 #include "cpu/vec.h"
 #include "relational.h"
 
 namespace kdfast {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
@@ -343,10 +345,8 @@ std::tuple<at::Tensor, at::Tensor> similarity_gram_cpu(const at::Tensor& g_s_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdfast_C, CPU, m) {
-  m.impl("rkd_gram", &rkd_gram_cpu);
-  m.impl("pkt_gram", &pkt_gram_cpu);
-  m.impl("similarity_gram", &similarity_gram_cpu);
-}
+extern const RelationalKernels kRelationalKernels;
+const RelationalKernels kRelationalKernels{&rkd_gram_cpu, &pkt_gram_cpu, &similarity_gram_cpu};
 
+}  // namespace CPU_CAPABILITY
 }  // namespace kdfast
