@@ -177,6 +177,22 @@ def test_loss_keeps_its_precision_when_the_student_sits_a_constant_above(device,
     assert abs(loss.item() / exact.item() - 1) < (5e-5 if decoupled else 2e-5)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_decoupled_target_term_keeps_its_precision_under_a_common_offset(device, backend, T):
+    # TCKD alone (beta = 0): the target's log-odds come from its logit centred on the same
+    # maximum as the sums, exactly (centred on a rounded M/T instead: 1.4e-4 relative here).
+    # The torch backend is left out: its float32 softmax of s/T at |s/T| ~ 1e4 is itself
+    # rounded to ~5e-4.
+    t = make((16, 100), torch.float32, device, seed=17)
+    s = t + 0.5 * make((16, 100), torch.float32, device, seed=18) + 1e4
+    target = torch.arange(16, device=device) % 100
+    with kdfast.use_backend(backend):
+        loss = KF.decoupled_kd(s, t, target, T=T, beta=0.0)
+    exact = KF.decoupled_kd(s.double(), t.double(), target, T=T, beta=0.0)
+    assert abs(loss.item() / exact.item() - 1) < 1e-5
+
+
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype,big", [(torch.float64, 1e308), (torch.float32, 3e38)], ids=["float64", "float32"])
 @pytest.mark.parametrize("decoupled", [False, True])

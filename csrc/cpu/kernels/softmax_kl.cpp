@@ -106,8 +106,9 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
 
       // Sweep 2: both sides centred on their maxima, their exponentials and the sums.
       // y = x k - M k in one FMA (exact product, one rounding): the rounding of M k shifts
-      // a whole side by one constant, which cancels in its softmax and in the loss. Where
-      // M k overflows (|logits| near the float maximum), y = (x - M) k instead.
+      // a whole side by one constant, which cancels in its softmax and in the loss.
+      // y = (x - M) k instead where M k overflows (|logits| near the float maximum), and for
+      // DecoupledKD, whose target logit is centred on M exactly (softmax_kl_finish_row).
       const Vec vk(k), zero(0);
       Vec sum_s(0), sum_t(0), cross(0);
       const auto sweep2 = [&](auto centre) {
@@ -133,7 +134,7 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
         }
       };
       const acc_t mk_s = st.max_s * k, mk_t = st.max_t * k;
-      if (std::isfinite(mk_s) && std::isfinite(mk_t)) {
+      if (!p.decoupled && std::isfinite(mk_s) && std::isfinite(mk_t)) {
         const Vec neg_mk_s(-mk_s), neg_mk_t(-mk_t);
         sweep2([&](const Vec& x, bool student) { return at::vec::fmadd(x, vk, student ? neg_mk_s : neg_mk_t); });
       } else {
