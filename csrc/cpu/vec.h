@@ -5,10 +5,12 @@
 // copies are different functions, not one name with several bodies.
 #pragma once
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -110,6 +112,25 @@ inline acc_t reduce_max(const Vectorized<acc_t>& v) {
   acc_t m = lanes[0];
   for (int64_t l = 1; l < Vectorized<acc_t>::size(); ++l) m = std::max(m, lanes[l]);
   return m;
+}
+
+// Runs body(begin, end) over [0, n) in chunks of `chunk` that the threads take in turn from a
+// shared counter. at::parallel_for hands each thread an equal range up front, so one thread
+// that the OS deschedules (another process on a shared machine) holds the whole call up; here
+// the other threads take over its remaining chunks.
+template <typename Body>
+inline void parallel_chunks(int64_t n, int64_t chunk, const Body& body) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(chunk, 1);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  if (workers <= 1) return body(int64_t(0), n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      body(c * chunk, std::min(n, (c + 1) * chunk));
+    }
+  });
 }
 
 // A per-thread scratch buffer reused across calls.

@@ -86,7 +86,8 @@ Layout pick_layout(const FeatureView& a, const FeatureView& b) {
 
 // Runs run(k, i) for items i < items[k] of every task k on at::parallel_for's threads,
 // splitting by cost (cost[k] per item of task k, e.g. elements read), not by count: layer
-// pairs of different sizes would otherwise leave most of the work to one thread.
+// pairs of different sizes would otherwise leave most of the work to one thread. The parts
+// (16 a thread) are taken in turn (parallel_chunks): a descheduled thread holds nothing up.
 template <typename Run>
 void parallel_items(const std::vector<int64_t>& items, const std::vector<int64_t>& cost, const Run& run) {
   const size_t n = items.size();
@@ -95,14 +96,14 @@ void parallel_items(const std::vector<int64_t>& items, const std::vector<int64_t
     begin[k + 1] = begin[k] + items[k];
     cost_begin[k + 1] = cost_begin[k] + items[k] * cost[k];
   }
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(begin[n], 4 * at::get_num_threads()));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(begin[n], 16 * at::get_num_threads()));
   const auto first_item = [&](int64_t part) -> int64_t {  // of each part: equal shares of cost
     if (part >= parts) return begin[n];
     const int64_t target = static_cast<int64_t>(static_cast<double>(cost_begin[n]) * part / parts);
     const size_t k = std::upper_bound(cost_begin.begin(), cost_begin.end() - 1, target) - cost_begin.begin() - 1;
     return begin[k] + std::min(items[k], (target - cost_begin[k] + cost[k] - 1) / std::max<int64_t>(cost[k], 1));
   };
-  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+  parallel_chunks(parts, 1, [&](int64_t lo, int64_t hi) {
     const int64_t end = first_item(hi);
     int64_t i = first_item(lo);
     size_t k = std::upper_bound(begin.begin(), begin.end(), i) - begin.begin() - 1;

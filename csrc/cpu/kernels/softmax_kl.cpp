@@ -50,11 +50,12 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
   const acc_t T = p.T, alpha = p.alpha, beta = p.beta;
   const acc_t k = static_cast<acc_t>(kLog2e / p.T);  // y in log2 units: e = 2^((x - M) k)
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1));
+  // Chunks of ~512K classes (16 rows of 32k) taken by the threads in turn (parallel_chunks)
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 19) / std::max<int64_t>(V, 1));
   const bool stream = grad != nullptr && stream_stores(p.grad.nbytes(), at::get_num_threads());
   const int64_t padded = (V + K - 1) / K * K + K;  // whole vectors from any class on
 
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(rows, chunk, [&](int64_t begin, int64_t end) {
     acc_t* es = scratch<acc_t>(2 * padded);  // 2^ys, then 2^yt
     acc_t* et = es + padded;
     for (int64_t r = begin; r < end; ++r) {
@@ -62,7 +63,7 @@ void softmax_kl_rows(const SoftmaxKLProblem& p, double scale) {
       const scalar_t* sr = s + a * sv.stride_a + i * sv.stride_i;
       const scalar_t* tr = t + a * tv.stride_a + i * tv.stride_i;
       scalar_t* gr = grad ? grad + a * gv.stride_a + i * gv.stride_i : nullptr;
-      // The next row of this worker, fetched into L2 during sweep 2 (nullptr: none).
+      // The next row of this chunk, fetched into L2 during sweep 2 (nullptr: none).
       const int64_t an = (r + 1) / sv.I, in = (r + 1) % sv.I;
       const scalar_t* sn = r + 1 < end ? s + an * sv.stride_a + in * sv.stride_i : nullptr;
       const scalar_t* tn = r + 1 < end ? t + an * tv.stride_a + in * tv.stride_i : nullptr;
@@ -190,9 +191,9 @@ void softmax_kl_columns(const SoftmaxKLProblem& p, double scale) {
   const acc_t T = p.T, alpha = p.alpha, beta = p.beta;
   const acc_t k = static_cast<acc_t>(kLog2e / p.T);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(V, 1));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 16) / (K * std::max<int64_t>(V, 1)));
 
-  at::parallel_for(0, sv.A * blocks_per_a, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(sv.A * blocks_per_a, chunk, [&](int64_t begin, int64_t end) {
     acc_t* es = scratch<acc_t>(2 * V * K);
     acc_t* et = es + V * K;
     for (int64_t blk = begin; blk < end; ++blk) {
