@@ -8,7 +8,12 @@ the profiler), then freed before the next. Ratios between providers are computed
 one run, side by side; floors a case declares are recorded as met or not.
 
 Results are JSON lines: one record per provider, one per ratio, each with the
-environment (device, torch, triton, kdfast commit, date).
+environment (device, torch, triton, kdfast commit, date). Every timing also records the
+first call and the 90th percentile. A case may ask for more (self-contained additions at the
+end of this module): steadiness (the provider's calls alone and each after a large freshly
+written temporary, with page faults per call and the kernel's memory counters; the cost of
+writing fresh memory), and floors measured in the same run (the copy rate at the case's
+traffic and the exp throughput of the kernels' own exp, for the memory and compute floors).
 """
 from __future__ import annotations
 
