@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _verify
 from .._backend import select_backend
 from ._common import acc_dtype, custom_op, eager_autograd, scale_saved_grad
 
@@ -342,10 +343,19 @@ def _compute_grad(e_s: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and e_s.requires_grad
 
 
+def _backend_for(op, e_s, e_t, path, call):
+    """The backend for a call (auto's first use of a GPU kernel path is verified on the first
+    samples of the batch)."""
+    k = _verify.RELATIONAL_SAMPLES
+    return select_backend(op, KERNELS, e_s.device, _verify.first_use(
+        "relational", op, e_s.device, e_s.dtype, lambda backend: path, lambda: _verify.Slice(call, [e_s[:k], e_t[:k]], 1)))
+
+
 def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
     """Weighted RKD distance + angle from one Gram matrix per model."""
     e_t = e_t.detach()
-    backend = select_backend(op, KERNELS, e_s.device)
+    path = "+".join(name for name, w in (("distance", dist_weight), ("angle", angle_weight)) if w) or "none"
+    backend = _backend_for(op, e_s, e_t, path, lambda s, t: rkd_loss(s, t, dist_weight, angle_weight, op))
     if backend == "torch":
         return rkd_ref(e_s, e_t, dist_weight, angle_weight)
     loss, _, _ = run_rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), _compute_grad(e_s), backend)
@@ -354,7 +364,7 @@ def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
 
 def pkt_loss(e_s, e_t, eps=1e-7):
     e_t = e_t.detach()
-    backend = select_backend("pkt", KERNELS, e_s.device)
+    backend = _backend_for("pkt", e_s, e_t, "gram", lambda s, t: pkt_loss(s, t, eps))
     if backend == "torch":
         return pkt_ref(e_s, e_t, eps)
     return run_pkt(_flat(e_s), _flat(e_t), float(eps), _compute_grad(e_s), backend)[0]
@@ -362,7 +372,8 @@ def pkt_loss(e_s, e_t, eps=1e-7):
 
 def similarity_preserving_loss(f_s, f_t, p=2):
     f_t = f_t.detach()
-    backend = select_backend("similarity_preserving", KERNELS, f_s.device)
+    path = {1: "p1", 2: "p2"}.get(p, "p")
+    backend = _backend_for("similarity_preserving", f_s, f_t, path, lambda s, t: similarity_preserving_loss(s, t, p))
     if backend == "torch" or not math.isfinite(p):  # the kernels take a finite p
         return similarity_preserving_ref(f_s, f_t, p)
     return run_similarity_preserving(_flat(f_s), _flat(f_t), float(p), _compute_grad(f_s), backend)[0]

@@ -8,9 +8,12 @@ gradient in backward.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from .. import _verify
 from .._backend import select_backend
 from ._common import acc_dtype, custom_op, eager_autograd, reduce_rows, reduction_divisor, scale_saved_grad
 
@@ -144,10 +147,41 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
         common = torch.promote_types(s.dtype, t.dtype)
         s, t = s.to(common), t.to(common)
     dim = dim % s.dim()
-    backend = select_backend(op, KERNELS, s.device)
+    kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, decoupled=decoupled, alpha=alpha, beta=beta,
+              normalize=normalize, op=op)
+    backend = select_backend(op, KERNELS, s.device, _verify.first_use(
+        "softmax_kl", op, s.device, s.dtype, lambda b: kernel_path(b, s, t, dim), lambda: _slice(s, t, target, dim, kw)))
     if backend == "torch":
         return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction)
     compute_grad = torch.is_grad_enabled() and s.requires_grad
     loss, _ = run_softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha),
                              float(beta), reduction, compute_grad, backend)
     return loss
+
+
+_CUDA_PATHS: dict[tuple, str] = {}
+
+
+def kernel_path(backend: str, s: torch.Tensor, t: torch.Tensor, dim: int) -> str:
+    """The kernel path a call takes on a GPU backend (the key of verified first use)."""
+    if backend == "triton":
+        from ..triton.softmax_kl import kernel_path as triton_path
+        return triton_path(s, dim)
+    key = (s.shape, s.stride(), t.stride(), s.dtype, s.device, dim, s.data_ptr() % 16, t.data_ptr() % 16)
+    path = _CUDA_PATHS.get(key)
+    if path is None:
+        if len(_CUDA_PATHS) > 4096:
+            _CUDA_PATHS.clear()
+        path = _CUDA_PATHS[key] = torch.ops.kdfast_C.softmax_kl_path(s, t, dim, True)
+    return path
+
+
+def _slice(s, t, target, dim, kw) -> _verify.Slice:
+    """The call on at most ROWS x ROWS rows of the logits seen as [A, V, I] (the class dim
+    and its layout kept), for verified first use."""
+    A, V, I = math.prod(s.shape[:dim]), s.shape[dim], math.prod(s.shape[dim + 1:])
+    k = _verify.ROWS
+    inputs = [s.reshape(A, V, I)[:k, :, :k], t.reshape(A, V, I)[:k, :, :k]]
+    if target is not None:
+        inputs.append(target.reshape(A, I)[:k, :k])
+    return _verify.Slice(lambda s, t, target=None: softmax_kl_loss(s, t, target=target, dim=1, **kw), inputs, 1)
