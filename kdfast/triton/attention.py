@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import on_inputs_device
 
-from ..ops._common import acc_dtype
+from .._dtypes import acc_dtype
 
 _EPS = tl.constexpr(1e-12)  # F.normalize's default (made in ACC: an fp32 literal is not 1e-12)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import on_inputs_device
 
-from ..ops._common import acc_dtype
+from .._dtypes import acc_dtype
 
 
 @triton.jit
