@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import acc_dtype
+from .._dtypes import acc_dtype
 from . import on_inputs_device
 from ._args import fp32_halves, join_halves
 
