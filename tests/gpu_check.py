@@ -154,7 +154,8 @@ def preflight(run: Run) -> dict | None:
                        "try:\n import triton; tv = triton.__version__\nexcept ImportError: tv = None\n"
                        "gpu = torch.cuda.is_available()\n"
                        "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, "
-                       "'cuda': torch.version.cuda, 'triton': tv, 'gpu': torch.cuda.get_device_name() if gpu else None, "
+                       "'cuda': torch.version.cuda, 'triton': tv, "
+                       "'gpu': torch.cuda.get_device_name() if gpu else None, "
                        "'capability': '.'.join(map(str, torch.cuda.get_device_capability())) if gpu else None}))")
     if "error" in info:
         run.problem(f"torch does not import: {info['error']}")
@@ -245,7 +246,8 @@ def smoke(run: Run) -> None:
         for result in pool.map(one, cases):
             f.write(json.dumps(result) + "\n")
             run.summary["smoke"].append(result)
-            errors = f"loss {result.get('loss_error', float('nan')):.1e} grad {result.get('grad_error', float('nan')):.1e}"
+            nan = float("nan")
+            errors = f"loss {result.get('loss_error', nan):.1e} grad {result.get('grad_error', nan):.1e}"
             run.say(f"  {'ok  ' if result['ok'] else 'FAIL'} {result['case']:48s} {str(result.get('path')):34s} "
                     f"{errors} {result.get('seconds', '')} s" + ("" if result["ok"] else f"  {result.get('problem')}"))
     run.summary["stages"]["smoke"] = {"seconds": round(time.monotonic() - started, 1)}

@@ -61,8 +61,8 @@ def test_child_processes_cannot_import_what_the_gpu_machine_lacks(tmp_path):
     for name in gpu_check.FORBIDDEN:
         result = subprocess.run([sys.executable, "-c", f"import {name}"], env=run.env, capture_output=True, text=True)
         assert result.returncode != 0 and f"No module named '{name}'" in result.stderr, name
-        found = subprocess.run([sys.executable, "-c", f"import importlib.util; print(importlib.util.find_spec('{name}'))"],
-                               env=run.env, capture_output=True, text=True)
+        code = f"import importlib.util; print(importlib.util.find_spec('{name}'))"
+        found = subprocess.run([sys.executable, "-c", code], env=run.env, capture_output=True, text=True)
         assert found.stdout.strip() == "None", name  # as if not installed (torch._dynamo asks so)
     ok = subprocess.run([sys.executable, "-c", "import torch, triton, kdfast"], env=run.env, capture_output=True)
     assert ok.returncode == 0, ok.stderr

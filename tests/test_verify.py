@@ -14,7 +14,6 @@ import torch
 import kdfast
 from kdfast import _backend, _validation, _verify
 from kdfast import functional as KF
-from kdfast.ops import softmax_kl as softmax_op
 
 pytestmark = pytest.mark.skipif(_backend.unavailable_reason("triton", "cpu", ("triton",)) is not None,
                                 reason="needs Triton (interpreted on the CPU)")

@@ -142,8 +142,9 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
     dim = dim % s.dim()
     kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, decoupled=decoupled, alpha=alpha, beta=beta,
               normalize=normalize, op=op)
-    backend = KERNELS.backend(op, s.device, _verify.first_use(
-        "softmax_kl", op, s.device, s.dtype, lambda b: kernel_path(b, s, t, dim), lambda: _slice(s, t, target, dim, kw)))
+    backend = KERNELS.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
+                                                              lambda b: kernel_path(b, s, t, dim),
+                                                              lambda: _slice(s, t, target, dim, kw)))
     if backend == "torch":
         return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction)
     loss, _ = softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha), float(beta),
