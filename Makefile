@@ -56,7 +56,7 @@ gpu-check:  ## on a GPU machine: every kernel path proven in one short run
 PYTHON312 ?= python3.12
 STACK_VENV := .venv-gpu-stack
 STACK_PY := $(STACK_VENV)/bin/python
-GPU_STACK := torch==2.11.0 triton==3.6.0 "numpy<2.5" pytest expecttest ninja setuptools wheel
+GPU_STACK := torch==2.11.0 triton==3.6.0 "numpy<2.5" pytest ninja setuptools wheel  # what the GPU machine has
 
 $(STACK_VENV)/.installed:
 	@$(PYTHON312) -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' 2>/dev/null || \

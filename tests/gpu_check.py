@@ -45,7 +45,8 @@ BACKENDS = ("cuda", "triton")
 FORBIDDEN = ("fastai", "fasterai", "sklearn", "trl", "transformers")
 # Test stages in order; marker expressions (a real run adds "gpu and").
 STAGES = (("core", "gpu_core"), ("rest", "not gpu_core and not compile"), ("compile", "compile"))
-MISC_TESTS = ["tests/test_mixed_precision.py", "tests/test_backward_memory.py", "tests/test_backend.py"]
+MISC_TESTS = ["tests/test_verify.py", "tests/test_mixed_precision.py", "tests/test_backward_memory.py",
+              "tests/test_backend.py"]
 # Tests of the dry run per stage (the first ones of each group): the control flow, not the tests.
 DRY_RUN_FIRST = {"core": 2, "misc": 1, "rest": 1, "compile": 0}
 BLOCKER = '''import importlib.machinery, sys
@@ -287,8 +288,9 @@ def run_group(run: Run, group: dict) -> dict:
     name = f"{group['stage']}-{group['family']}-{group['backend']}"
     xml = run.tmp / f"junit-{name}.xml"
     marker = group["marker"] if run.args.dry_run else f"gpu and ({group['marker']})"
+    # -W: a kernel failing kdfast's first-use check (a warning, then a fallback) fails its test.
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=short", "-m", marker,
-               f"--junitxml={xml}", *group["files"]]
+               "-W", "error:kdfast:RuntimeWarning", f"--junitxml={xml}", *group["files"]]
     if group["backend"] != "auto":
         command.append(f"--kdfast-backend={group['backend']}")
     if run.args.dry_run:

@@ -120,6 +120,14 @@ def test_non_finite_launch_errors_and_lost_precision_are_caught(monkeypatch, fau
     assert torch.allclose(loss, reference_loss(s, t, T=3.0), rtol=1e-12)
 
 
+def test_checked_inside_inference_mode_and_autocast(monkeypatch):
+    calls = softmax_triton(monkeypatch)
+    s, t = logits(seed=19), logits(seed=20)
+    with silent(), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        KF.soft_target_kl(s, t)
+    assert len(calls) == 2 and list(_verify._State.results.values()) == [True]
+
+
 def test_forced_backend_and_never_are_not_checked(monkeypatch):
     calls = softmax_triton(monkeypatch, fault=lambda out: (out[0] * 2, out[1]))
     s, t = logits(seed=15), logits(seed=16)
@@ -208,3 +216,34 @@ def test_merge_keeps_other_gpus():
     new = {"family": "attention", "backend": "cuda", "capability": "9.0", "sources": "b"}
     assert _validation.merge([old, replaced], new) == [old, new]
     assert json.loads(json.dumps(_validation.merge([], new))) == [new]
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("order", [("cuda", "triton", "torch"), ("triton", "torch")], ids=["cuda", "triton"])
+def test_gpu_kernels_pass_their_first_use_checks(monkeypatch, order):
+    """On a GPU, auto's first-use checks find the kernel paths and pass them (no warning)."""
+    monkeypatch.setitem(_backend.AUTO_ORDER, "cuda", order)
+    monkeypatch.setenv("KDFAST_VERIFY", "always")
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    with silent():
+        KF.soft_target_kl(randn(6, 6144), randn(6, 6144), T=2.0)
+        KF.soft_target_kl(randn(4, 60000, dtype=torch.bfloat16), randn(4, 60000, dtype=torch.bfloat16))
+        KF.decoupled_kd(randn(4, 3001, dtype=torch.float64), randn(4, 3001, dtype=torch.float64),
+                        torch.tensor([0, 5, 3000, -100], device="cuda"))
+        KF.soft_target_kl(randn(2, 50, 3, 4), randn(2, 50, 3, 4), dim=1)
+        KF.attention_transfer([randn(4, 16, 8, 8), randn(4, 8, 5, 5).to(memory_format=torch.channels_last)],
+                              [randn(4, 32, 8, 8), randn(4, 4, 5, 5)])
+        KF.rkd(randn(70, 40), randn(70, 30))
+        KF.pkt(randn(40, 20, dtype=torch.float64), randn(40, 10, dtype=torch.float64))
+        KF.similarity_preserving(randn(30, 20), randn(30, 12), p=3.5)
+    results = _verify._State.results
+    assert results and all(results.values()), results
+    assert {backend for _, backend, _, _ in results} == {order[0]}
+    assert {op for op, _, _, _ in results} == {"soft_target_kl", "decoupled_kd", "attention_transfer", "rkd", "pkt",
+                                              "similarity_preserving"}
