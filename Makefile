@@ -49,14 +49,15 @@ gpu-check:  ## on a GPU machine: every kernel path proven in one short run
 	$(PYTHON) tests/gpu_check.py --only "$(ONLY)" --deadline $(DEADLINE)
 
 # The GPU machine's software (Python 3.12, torch 2.11.0 CUDA 13.0 build, triton 3.6.0,
-# numpy < 2.5: triton 3.6's interpreter fails with numpy 2.5) in a venv of its own: build
+# numpy < 2.4: triton 3.6's interpreter fails with numpy 2.4.6 and 2.5, "only 0-dimensional
+# arrays can be converted to Python scalars") in a venv of its own: build
 # kdfast for sm_90 there and run the test suite (fastai's tests skip: that machine has no
 # fastai), so that an API newer than those versions never reaches the GPU untested.
 # Python 3.12 is python3.12 on PATH, or PYTHON312=/path/to/python3.12.
 PYTHON312 ?= python3.12
 STACK_VENV := .venv-gpu-stack
 STACK_PY := $(STACK_VENV)/bin/python
-GPU_STACK := torch==2.11.0 triton==3.6.0 "numpy<2.5" pytest ninja setuptools wheel  # what the GPU machine has
+GPU_STACK := torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest ninja setuptools wheel  # what the GPU machine has
 
 $(STACK_VENV)/.installed:
 	@$(PYTHON312) -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' 2>/dev/null || \

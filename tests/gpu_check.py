@@ -242,7 +242,7 @@ def smoke(run: Run) -> None:
             return json.loads(lines[-1])
         return {"case": case, "ok": False, "problem": f"exit {status}: " + " | ".join(output.strip().splitlines()[-3:])}
 
-    with concurrent.futures.ThreadPoolExecutor(run.args.workers * 2) as pool, \
+    with concurrent.futures.ThreadPoolExecutor(min(12, os.cpu_count() or 2)) as pool, \
             open(run.files["smoke.jsonl"], "w") as f:
         for result in pool.map(one, cases):
             f.write(json.dumps(result) + "\n")

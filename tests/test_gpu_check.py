@@ -4,6 +4,7 @@ are checked on their own."""
 import argparse
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -65,12 +66,14 @@ def test_child_processes_cannot_import_what_the_gpu_machine_lacks(tmp_path):
         found = subprocess.run([sys.executable, "-c", code], env=run.env, capture_output=True, text=True)
         assert found.stdout.strip() == "None", name  # as if not installed (torch._dynamo asks so)
     ok = subprocess.run([sys.executable, "-c", "import torch, triton, kdfast"], env=run.env, capture_output=True)
+    shutil.rmtree(run.tmp)
     assert ok.returncode == 0, ok.stderr
 
 
 def test_only_selects_families_and_backends(tmp_path):
     run = gpu_check.Run(args(out=str(tmp_path), only="softmax_kl,relational:cuda", dry_run=False))
     names = [g["stage"] + " " + g["family"] + " " + g["backend"] for g in gpu_check.groups(run)]
+    shutil.rmtree(run.tmp)
     assert names == ["core softmax_kl cuda", "core relational cuda", "core softmax_kl triton",
                      "rest softmax_kl cuda", "rest relational cuda", "rest softmax_kl triton",
                      "compile softmax_kl cuda", "compile relational cuda", "compile softmax_kl triton"]
