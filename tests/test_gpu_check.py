@@ -27,8 +27,8 @@ def test_dry_run_drives_every_stage(tmp_path):
     record = (ROOT / "kdfast" / "validation.json").read_bytes() if (ROOT / "kdfast" / "validation.json").exists() \
         else None
     result = subprocess.run([sys.executable, "tests/gpu_check.py", "--dry-run", "--out", str(tmp_path),
-                             "--deadline", "150", "--workers", "2", "--bench-reserve", "10"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=400)
+                             "--deadline", "400", "--workers", "2", "--bench-reserve", "10"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert result.stdout.rstrip().splitlines()[-1] == "RESULT: PASSED"  # the table comes last
     files = list(tmp_path.iterdir())
