@@ -133,15 +133,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(run: Runner, device: str, warmup: int, repeat: int) -> tuple[float, list[float]]:
-    """(the first call's milliseconds, ``time_runner``'s list): the first warm-up call timed."""
-    t0 = time.perf_counter()
-    run()
-    _sync(device)
-    first = (time.perf_counter() - t0) * 1e3
-    return first, time_runner(run, device, max(0, warmup - 1), repeat)
-
-
 def time_runner(run: Runner, device: str, warmup: int, repeat: int) -> list[float]:
     """Milliseconds per call, ``repeat`` times after ``warmup`` calls."""
     for _ in range(warmup):
@@ -195,12 +186,22 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
     base = {**env, "op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", "")}
     if case.note:
         base["note"] = case.note
-    records, medians, measured = [], {}, {}
+    records, medians, measured, reference = [], {}, {}, None
     for name, provider in case.providers.items():
         record = {**base, "kind": "timing", "provider": name}
         try:
             run = provider()
-            first, times = time_calls(run, case.device, warmup, repeat)
+            t0 = time.perf_counter()
+            output = run()  # the first call, timed (also a warm-up call)
+            _sync(case.device)
+            first = (time.perf_counter() - t0) * 1e3
+            if output is not None:  # the output against the first provider's (the eager formula), once
+                if reference is None:
+                    reference = output
+                else:
+                    record["vs_first_provider"] = _max_relative_error(output, reference)
+            output = None  # (a kept gradient would keep its memory from the next calls)
+            times = time_runner(run, case.device, warmup, repeat)
             record.update(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
                           p80_ms=quantile(times, 0.8), p90_ms=quantile(times, 0.9), first_ms=first,
                           repeats=repeat)
@@ -262,6 +263,15 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
     return records
 
 
+def _max_relative_error(output, reference) -> float:
+    """Largest error of a runner's tensors (loss, gradients) relative to the magnitude of the
+    reference's, over the tensors."""
+    pairs = zip(output, reference) if isinstance(output, (tuple, list)) else [(output, reference)]
+    errors = [float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+              for a, b in pairs if isinstance(a, torch.Tensor) and a.shape == b.shape]
+    return max(errors, default=float("nan"))
+
+
 def _format(r: dict[str, Any]) -> str:
     head = f"{r['op']:<22} {json.dumps(r['shape']):<40} {r['dtype']:<9} {r['provider']:<24}"
     if "error" in r and "speedup" not in r:
@@ -279,6 +289,8 @@ def _format(r: dict[str, Any]) -> str:
     if r["kind"] in ("steadiness", "roofline", "copy_fraction"):
         return f"{head} {_format_extra(r)} ({met})"
     text = f"{head} {r['median_ms']:10.3f} ms (p90 {r['p90_ms']:.3f}, first {r['first_ms']:.3f})"
+    if "vs_first_provider" in r:
+        text += f" (max rel. diff {r['vs_first_provider']:.1e})"
     if "effective_gbps" in r:
         text += f" {r['effective_gbps']:8.1f} GB/s"
     if "peak_extra_mb" in r:
@@ -294,10 +306,13 @@ def write_records(records: list[dict[str, Any]], path: str) -> None:
 
 
 def fwd_bwd(loss_fn: Callable[..., torch.Tensor], student: torch.Tensor, *args, **kwargs) -> Runner:
-    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student``."""
+    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student``;
+    returns both (checked once against the eager formula's)."""
     def run():
         student.grad = None
-        loss_fn(student, *args, **kwargs).backward()
+        loss = loss_fn(student, *args, **kwargs)
+        loss.backward()
+        return loss.detach(), student.grad
     return run
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .ops._common import REDUCTIONS
+from .ops._reduction import REDUCTIONS
 
 
 def _shape(x: torch.Tensor) -> str:

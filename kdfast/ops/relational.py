@@ -20,10 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._backend import select_backend
-from ._common import acc_dtype, custom_op, eager_autograd, scale_saved_grad
-
-KERNELS = ("torch", "cpu", "triton", "cuda")
+from .. import _verify
+from .._dtypes import acc_dtype
+from ._op import Kernels, fused_op, needs_grad
+from ._saved_grad import scale_saved_grad
 
 # Two samples whose squared distance is within this many roundings of their Gram entries,
 # times sqrt(D), count as one (duplicates): RKD gives them the reference's values for equal
@@ -76,7 +76,7 @@ def rkd_angle_ref(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
 def rkd_ref(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
             angle_weight: float = 50.0) -> torch.Tensor:
     """``dist_weight·L_distance + angle_weight·L_angle``; a term of weight 0 is not computed."""
-    loss = e_s.new_zeros((), dtype=acc_dtype(torch.promote_types(e_s.dtype, e_t.dtype)))
+    loss = e_s.new_zeros((), dtype=acc_dtype(e_s.dtype, e_t.dtype))
     if dist_weight:
         loss = loss + dist_weight * rkd_distance_ref(e_s, e_t)
     if angle_weight:
@@ -223,113 +223,90 @@ def _float_matmuls(x: torch.Tensor):
             torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def _kernel(name: str, backend: str):
-    if backend == "triton":
-        from ..triton import relational as triton_relational
-        return getattr(triton_relational, name)
-    return getattr(torch.ops.kdfast_C, name)
-
-
-def _common_acc(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.dtype:
-    return acc_dtype(torch.promote_types(e_s.dtype, e_t.dtype))
-
-
 # --- custom ops ---
 
-@custom_op("kdfast::rkd")
+# The fused epilogues rkd_gram, pkt_gram, similarity_gram (torch.ops.kdfast_C on cpu and
+# cuda, the same names in kdfast/triton/relational.py).
+KERNELS = Kernels("relational")
+
+
+@fused_op("kdfast::rkd", grads=("e_s",))
 def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float, angle_weight: float, compute_grad: bool,
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RKD on embeddings [B, D_s], [B, D_t]: (loss, S, the student's column means μ); S and
     μ are empty without compute_grad. The gradient with respect to e_s is S (e_s - μ)."""
-    acc = _common_acc(e_s, e_t)
+    acc = acc_dtype(e_s.dtype, e_t.dtype)
     mean_s, mean_t = e_s.mean(0, dtype=acc), e_t.mean(0, dtype=acc)
     with _float_matmuls(e_s):
         g_s, g_t = _gram(e_s, acc, mean_s), _gram(e_t, acc, mean_t)
     tol = coincidence_tol(acc, max(e_s.shape[1], e_t.shape[1]))
-    loss, S = _kernel("rkd_gram", backend)(g_s, g_t, dist_weight, angle_weight, tol, compute_grad)
+    loss, S = KERNELS("rkd_gram", backend)(g_s, g_t, dist_weight, angle_weight, tol, compute_grad)
     return loss, S, mean_s if compute_grad else mean_s.new_empty(0)
 
 
 @rkd.register_fake
 def _(e_s, e_t, dist_weight, angle_weight, compute_grad, backend):
-    acc = _common_acc(e_s, e_t)
+    acc = acc_dtype(e_s.dtype, e_t.dtype)
     B, D = e_s.shape
     return (e_s.new_empty((), dtype=acc), e_s.new_empty((B, B) if compute_grad else (0,), dtype=acc),
             e_s.new_empty((D,) if compute_grad else (0,), dtype=acc))
 
 
 def _rkd_setup_context(ctx, inputs, output):
-    e_s, compute_grad = inputs[0], inputs[4]
-    ctx.compute_grad = compute_grad
-    ctx.set_materialize_grads(False)  # S and μ are saved for backward, not differentiated
-    ctx.save_for_backward(output[1], output[2], e_s)
+    ctx.save_for_backward(output[1], output[2], inputs.e_s)  # S and μ: by-products, not differentiated
 
 
-def _rkd_backward(ctx, grad_loss, _S, _mean):
-    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
-        return (None,) * 6
-    if not ctx.compute_grad:
-        raise RuntimeError("kdfast: rkd was called with compute_grad=False and cannot backpropagate")
+def _rkd_backward(ctx, grad_loss):
     S, mean, e_s = ctx.saved_tensors
     with _float_matmuls(e_s):
-        grad = _grad(scale_saved_grad(S, grad_loss), e_s, mean)
-    return (grad,) + (None,) * 5
+        return _grad(scale_saved_grad(S, grad_loss), e_s, mean)
 
 
-run_rkd = eager_autograd(rkd, _rkd_setup_context, _rkd_backward)
+rkd.register_autograd(_rkd_backward, setup_context=_rkd_setup_context)
 
 
 def _gram_pair(e_s: torch.Tensor, e_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The uncentred Gram matrices of student and teacher (PKT, similarity)."""
-    acc = _common_acc(e_s, e_t)
+    acc = acc_dtype(e_s.dtype, e_t.dtype)
     with _float_matmuls(e_s):
         return _gram(e_s, acc), _gram(e_t, acc)
 
 
-@custom_op("kdfast::pkt")
+@fused_op("kdfast::pkt", grads=("e_s",))
 def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float, compute_grad: bool,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """PKT on embeddings [B, D_s], [B, D_t]: (loss, S or empty); the gradient is S e_s."""
     g_s, g_t = _gram_pair(e_s, e_t)
-    return _kernel("pkt_gram", backend)(g_s, g_t, eps, compute_grad)
+    return KERNELS("pkt_gram", backend)(g_s, g_t, eps, compute_grad)
 
 
-@custom_op("kdfast::similarity_preserving")
+@fused_op("kdfast::similarity_preserving", grads=("f_s",))
 def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float, compute_grad: bool,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Similarity preserving on flattened features [B, D_s], [B, D_t]: (loss, S or empty)."""
     g_s, g_t = _gram_pair(f_s, f_t)
-    return _kernel("similarity_gram", backend)(g_s, g_t, p, compute_grad)
+    return KERNELS("similarity_gram", backend)(g_s, g_t, p, compute_grad)
 
 
 def _gram_loss_fake(e_s, e_t, option, compute_grad, backend):
-    acc = _common_acc(e_s, e_t)
     B = e_s.shape[0]
+    acc = acc_dtype(e_s.dtype, e_t.dtype)
     return e_s.new_empty((), dtype=acc), e_s.new_empty((B, B) if compute_grad else (0,), dtype=acc)
 
 
 def _gram_loss_setup_context(ctx, inputs, output):
-    e_s, compute_grad = inputs[0], inputs[3]
-    ctx.compute_grad = compute_grad
-    ctx.set_materialize_grads(False)  # S is saved for backward, not differentiated
-    ctx.save_for_backward(output[1], e_s)
+    ctx.save_for_backward(output[1], inputs[0])  # S (a by-product) and the student's e_s / f_s
 
 
-def _gram_loss_backward(ctx, grad_loss, _S):
-    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
-        return (None,) * 5
-    if not ctx.compute_grad:
-        raise RuntimeError("kdfast: this relational op was called with compute_grad=False and cannot backpropagate")
+def _gram_loss_backward(ctx, grad_loss):
     S, e_s = ctx.saved_tensors
     with _float_matmuls(e_s):
-        grad = _grad(scale_saved_grad(S, grad_loss), e_s)
-    return (grad,) + (None,) * 4
+        return _grad(scale_saved_grad(S, grad_loss), e_s)
 
 
-pkt.register_fake(_gram_loss_fake)
-similarity_preserving.register_fake(_gram_loss_fake)
-run_pkt = eager_autograd(pkt, _gram_loss_setup_context, _gram_loss_backward)
-run_similarity_preserving = eager_autograd(similarity_preserving, _gram_loss_setup_context, _gram_loss_backward)
+for _gram_loss in (pkt, similarity_preserving):
+    _gram_loss.register_fake(_gram_loss_fake)
+    _gram_loss.register_autograd(_gram_loss_backward, setup_context=_gram_loss_setup_context)
 
 
 # --- entry points (inputs validated by kdfast.functional) ---
@@ -338,31 +315,36 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _compute_grad(e_s: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and e_s.requires_grad
+def _backend_for(op, e_s, e_t, path, call):
+    """The backend for a call (auto's first use of a GPU kernel path is verified on the first
+    samples of the batch)."""
+    k = _verify.RELATIONAL_SAMPLES
+    return KERNELS.backend(op, e_s.device, _verify.first_use("relational", op, e_s.device, e_s.dtype, lambda _: path,
+                                                             lambda: _verify.Slice(call, [e_s[:k], e_t[:k]], 1)))
 
 
 def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
     """Weighted RKD distance + angle from one Gram matrix per model."""
     e_t = e_t.detach()
-    backend = select_backend(op, KERNELS, e_s.device)
+    path = "+".join(name for name, w in (("distance", dist_weight), ("angle", angle_weight)) if w) or "none"
+    backend = _backend_for(op, e_s, e_t, path, lambda s, t: rkd_loss(s, t, dist_weight, angle_weight, op))
     if backend == "torch":
         return rkd_ref(e_s, e_t, dist_weight, angle_weight)
-    loss, _, _ = run_rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), _compute_grad(e_s), backend)
-    return loss
+    return rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), needs_grad(e_s), backend)[0]
 
 
 def pkt_loss(e_s, e_t, eps=1e-7):
     e_t = e_t.detach()
-    backend = select_backend("pkt", KERNELS, e_s.device)
+    backend = _backend_for("pkt", e_s, e_t, "gram", lambda s, t: pkt_loss(s, t, eps))
     if backend == "torch":
         return pkt_ref(e_s, e_t, eps)
-    return run_pkt(_flat(e_s), _flat(e_t), float(eps), _compute_grad(e_s), backend)[0]
+    return pkt(_flat(e_s), _flat(e_t), float(eps), needs_grad(e_s), backend)[0]
 
 
 def similarity_preserving_loss(f_s, f_t, p=2):
     f_t = f_t.detach()
-    backend = select_backend("similarity_preserving", KERNELS, f_s.device)
+    path = {1: "p1", 2: "p2"}.get(p, "p")
+    backend = _backend_for("similarity_preserving", f_s, f_t, path, lambda s, t: similarity_preserving_loss(s, t, p))
     if backend == "torch" or not math.isfinite(p):  # the kernels take a finite p
         return similarity_preserving_ref(f_s, f_t, p)
-    return run_similarity_preserving(_flat(f_s), _flat(f_t), float(p), _compute_grad(f_s), backend)[0]
+    return similarity_preserving(_flat(f_s), _flat(f_t), float(p), needs_grad(f_s), backend)[0]

@@ -8,13 +8,16 @@ gradient in backward.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .._backend import select_backend
-from ._common import acc_dtype, custom_op, eager_autograd, reduce_rows, reduction_divisor, scale_saved_grad
-
-KERNELS = ("torch", "cpu", "triton", "cuda")
+from .. import _verify
+from .._dtypes import acc_dtype
+from ._op import Kernels, fused_op, needs_grad
+from ._reduction import reduce_rows, reduction_divisor
+from ._saved_grad import scale_saved_grad
 
 
 def soft_target_kl_ref(s: torch.Tensor, t: torch.Tensor, T: float = 1.0, dim: int = -1) -> torch.Tensor:
@@ -78,7 +81,11 @@ def softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, n
     return reduce_rows(rows, reduction, s.shape[0], kept)
 
 
-@custom_op("kdfast::softmax_kl")
+# The fused kernels: torch.ops.kdfast_C.softmax_kl (cpu, cuda), softmax_kl_triton (triton).
+KERNELS = Kernels("softmax_kl", triton={"softmax_kl": "softmax_kl_triton"})
+
+
+@fused_op("kdfast::softmax_kl", grads=("s",))
 def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, dim: int, T: float,
                ignore_index: int, decoupled: bool, alpha: float, beta: float, reduction: str,
                compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +99,8 @@ def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, di
         scale = torch.full((), 1.0 / divisor, dtype=torch.float64, device=s.device)
     else:
         scale = divisor.to(torch.float64).reciprocal()
-    if backend == "triton":
-        from ..triton.softmax_kl import softmax_kl_triton
-        rows, grad = softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled, compute_grad)
-    else:
-        rows, grad = torch.ops.kdfast_C.softmax_kl(s, t, target, scale, dim, T, ignore_index, alpha, beta,
-                                                   decoupled, compute_grad)
+    rows, grad = KERNELS("softmax_kl", backend)(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled,
+                                                compute_grad)
     if compute_grad and grad.stride() != s.stride() and grad.stride() != torch.empty_like(s).stride():
         grad = torch.empty_like(s).copy_(grad)  # the layout the fake kernel promises
     if reduction == "none":
@@ -107,33 +110,26 @@ def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, di
 
 @softmax_kl.register_fake
 def _(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, reduction, compute_grad, backend):
-    acc = acc_dtype(s.dtype)
     rows_shape = s.shape[:dim] + s.shape[dim + 1:]
-    loss = s.new_empty(rows_shape if reduction == "none" else (), dtype=acc)
+    loss = s.new_empty(rows_shape if reduction == "none" else (), dtype=acc_dtype(s.dtype))
     grad = torch.empty_like(s) if compute_grad else s.new_empty(0)
     return loss, grad
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, target, dim, T, ignore_index, decoupled, alpha, beta, reduction, compute_grad, backend = inputs
-    ctx.dim, ctx.reduction, ctx.compute_grad = dim, reduction, compute_grad
-    # The gradient output is saved, not differentiated: without this, autograd would hand
+    ctx.dim, ctx.reduction = inputs.dim, inputs.reduction
+    # The gradient is saved, not an output to differentiate: autograd would otherwise hand
     # backward a zero-filled tensor of s's size for it (a full extra write of the logits).
-    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad_loss, _):
-    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
-        return (None,) * 12
-    if not ctx.compute_grad:
-        raise RuntimeError("kdfast: softmax_kl was called with compute_grad=False and cannot backpropagate")
+def _backward(ctx, grad_loss):
     (grad,) = ctx.saved_tensors
     grad_loss = grad_loss.unsqueeze(ctx.dim) if ctx.reduction == "none" else grad_loss
-    return (scale_saved_grad(grad, grad_loss),) + (None,) * 11
+    return scale_saved_grad(grad, grad_loss)
 
 
-run_softmax_kl = eager_autograd(softmax_kl, _setup_context, _backward)
+softmax_kl.register_autograd(_backward, setup_context=_setup_context)
 
 
 def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
@@ -144,10 +140,41 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100,
         common = torch.promote_types(s.dtype, t.dtype)
         s, t = s.to(common), t.to(common)
     dim = dim % s.dim()
-    backend = select_backend(op, KERNELS, s.device)
+    kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, decoupled=decoupled, alpha=alpha, beta=beta,
+              normalize=normalize, op=op)
+    backend = KERNELS.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
+                                                              lambda b: kernel_path(b, s, t, dim),
+                                                              lambda: _slice(s, t, target, dim, kw)))
     if backend == "torch":
         return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction)
-    compute_grad = torch.is_grad_enabled() and s.requires_grad
-    loss, _ = run_softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha),
-                             float(beta), reduction, compute_grad, backend)
+    loss, _ = softmax_kl(s, t, target, dim, float(T), int(ignore_index), decoupled, float(alpha), float(beta),
+                         reduction, needs_grad(s), backend)
     return loss
+
+
+_CUDA_PATHS: dict[tuple, str] = {}
+
+
+def kernel_path(backend: str, s: torch.Tensor, t: torch.Tensor, dim: int) -> str:
+    """The kernel path a call takes on a GPU backend (the key of verified first use)."""
+    if backend == "triton":
+        from ..triton.softmax_kl import kernel_path as triton_path
+        return triton_path(s, dim)
+    key = (s.shape, s.stride(), t.stride(), s.dtype, s.device, dim, s.data_ptr() % 16, t.data_ptr() % 16)
+    path = _CUDA_PATHS.get(key)
+    if path is None:
+        if len(_CUDA_PATHS) > 4096:
+            _CUDA_PATHS.clear()
+        path = _CUDA_PATHS[key] = torch.ops.kdfast_C.softmax_kl_path(s, t, dim, True)
+    return path
+
+
+def _slice(s, t, target, dim, kw) -> _verify.Slice:
+    """The call on at most ROWS x ROWS rows of the logits seen as [A, V, I] (the class dim
+    and its layout kept), for verified first use."""
+    A, V, I = math.prod(s.shape[:dim]), s.shape[dim], math.prod(s.shape[dim + 1:])
+    k = _verify.ROWS
+    inputs = [s.reshape(A, V, I)[:k, :, :k], t.reshape(A, V, I)[:k, :, :k]]
+    if target is not None:
+        inputs.append(target.reshape(A, I)[:k, :k])
+    return _verify.Slice(lambda s, t, target=None: softmax_kl_loss(s, t, target=target, dim=1, **kw), inputs, 1)

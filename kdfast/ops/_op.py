@@ -1,0 +1,234 @@
+"""The one shape of a kdfast op, and the one place where an op's backend and kernels are found.
+
+Every family module (``kdfast/ops/<family>.py``) is written the same way, as in
+pytorch/extension-cpp's ``ops.py``::
+
+    KERNELS = Kernels("family")                      # backends; kernels by name (see Kernels)
+
+    @fused_op("kdfast::family", grads=("s",))        # the inputs that receive a gradient
+    def family(s: Tensor, t: Tensor, T: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+        return KERNELS("family", backend)(s, t, T, compute_grad)   # (loss, by-products)
+
+    @family.register_fake
+    def _(s, t, T, compute_grad, backend):           # shapes and dtypes only
+        return s.new_empty(()), torch.empty_like(s) if compute_grad else s.new_empty(0)
+
+    def _setup_context(ctx, inputs, output):         # inputs by name: inputs.T
+        ctx.save_for_backward(output[1])
+
+    def _backward(ctx, grad_loss):                   # one gradient per name in grads
+        return scale_saved_grad(ctx.saved_tensors[0], grad_loss)
+
+    family.register_autograd(_backward, setup_context=_setup_context)
+
+    loss, _ = family(s, t, 4.0, needs_grad(s), KERNELS.backend("family", s.device))
+
+What every op shares, so that no family writes it again:
+
+- The first output is the loss; the others are by-products saved for backward (gradients,
+  maps), never differentiated. Gradients are not materialised: when no gradient reaches the
+  loss, backward is not called and every input gets None.
+- ``_backward(ctx, grad_loss)`` returns the gradients of the inputs named in ``grads``, in
+  that order (one value for one name); the other inputs get None, ``[None, ...]`` for tensor
+  lists. ``setup_context`` gets the inputs as a named tuple (``inputs.T``). Adding an
+  argument to an op changes neither.
+- An op with a ``compute_grad`` argument refuses to backpropagate a call made without it.
+- Calling the op: traced calls (torch.compile, functorch transforms, fake or functional
+  tensors) go through the ``torch.library`` custom op; eager calls run the same function,
+  setup_context and backward in a plain ``torch.autograd.Function`` (tensor lists
+  flattened), without the custom op's per-call argument handling in Python (~0.1 ms on a
+  CPU core, ~0.3 ms with lists: as long as the kernels at the sizes of a training step).
+  An op without autograd (a backward op, an in-place helper) runs its function directly.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from .._backend import BACKENDS, select_backend
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def traced(args: Sequence) -> bool:
+    """Whether an op called with these arguments is being traced or transformed:
+    torch.compile, functorch transforms (vmap, grad), or tensor subclasses (fake,
+    functional tensors) among the tensors, tensor lists included."""
+    if torch.compiler.is_compiling() or _transforms_active():
+        return True
+    for a in args:
+        if type(a) is list:
+            if any(type(t) not in _PLAIN_TENSORS for t in a):
+                return True
+        elif isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
+            return True
+    return False
+
+
+def needs_grad(x: torch.Tensor) -> bool:
+    """Whether a call should compute the gradient with respect to x (``compute_grad``)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+class Kernels:
+    """An op family's backends and compiled kernels: the one kernel resolver.
+
+    ``kernels.backend(op, device)`` picks the backend of a call (the one forced by
+    ``kdfast.use_backend`` / ``KDFAST_BACKEND``, or auto's choice); every kdfast op picks
+    its backend there. ``kernels(name, backend)`` is the kernel ``name`` on that backend:
+    ``torch.ops.kdfast_C.<name>`` on cpu and cuda (one schema in csrc/kdfast.cpp, one
+    implementation registered per device), the function of that name in
+    ``kdfast/triton/<family>.py`` on triton (imported on first use; ``triton`` maps names
+    that differ there). Iterating gives the backend names (``kdfast info``, tests).
+    """
+
+    def __init__(self, family: str, triton: dict[str, str] | None = None, backends: Sequence[str] = BACKENDS):
+        self.family = family
+        self.backends = tuple(backends)
+        self.triton_names = dict(triton or {})
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.backends)
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def __contains__(self, backend) -> bool:
+        return backend in self.backends
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.family!r}: {', '.join(self.backends)})"
+
+    def backend(self, op: str, device: torch.device, check: Callable[[str], bool] | None = None) -> str:
+        """The backend that runs ``op`` (the user-facing name, for errors) on ``device``;
+        ``check``: verified first use of GPU kernels (kdfast/_verify.py ``first_use``)."""
+        return select_backend(op, self.backends, device, check)
+
+    def __call__(self, name: str, backend: str) -> Callable:
+        if backend == "triton":
+            module = importlib.import_module(f"kdfast.triton.{self.family}")
+            return getattr(module, self.triton_names.get(name, name))
+        return getattr(torch.ops.kdfast_C, name)
+
+
+class FusedOp:
+    """A kdfast custom op (see the module's docstring): ``torch.library.custom_op`` with the
+    shared autograd conventions and the eager fast path. ``op.custom_op`` is the
+    ``torch.library`` op (``torch.ops.kdfast.<name>``)."""
+
+    def __init__(self, name: str, fn: Callable, grads: Sequence[str], mutates_args: Sequence[str]):
+        self.fn = fn
+        self.custom_op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
+        arguments = self.custom_op._opoverload._schema.arguments
+        names = [a.name for a in arguments]
+        unknown = [g for g in grads if g not in names]
+        if unknown:
+            raise TypeError(f"{name}: grads names {unknown}, which are not arguments of the op ({', '.join(names)})")
+        self._arity = len(arguments)
+        self._inputs = collections.namedtuple(f"{fn.__name__}_inputs", names)
+        self._lists = tuple(i for i, a in enumerate(arguments) if isinstance(a.type, torch.ListType))
+        self._grads = tuple(names.index(g) for g in grads)
+        self._compute_grad = names.index("compute_grad") if "compute_grad" in names else None
+        self._eager = None
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__
+
+    def register_fake(self, fake: Callable) -> Callable:
+        return self.custom_op.register_fake(fake)
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        """``backward(ctx, grad_loss)`` -> the gradients of the inputs named in ``grads``."""
+        name, lists, grad_positions, arity = self.custom_op._name, self._lists, self._grads, self._arity
+        compute_grad_at, named_inputs = self._compute_grad, self._inputs
+
+        def setup(ctx, inputs, output):
+            ctx.set_materialize_grads(False)  # by-products are saved, not differentiated
+            if lists:
+                ctx.kdfast_list_lengths = tuple(len(inputs[i]) for i in lists)
+            if compute_grad_at is not None:
+                ctx.kdfast_compute_grad = inputs[compute_grad_at]
+            setup_context(ctx, named_inputs(*inputs), output)
+
+        def input_grads(ctx, grad_loss, *_by_products):
+            grads = [None] * arity
+            if grad_loss is not None:  # else no gradient reached the loss
+                if compute_grad_at is not None and not ctx.kdfast_compute_grad:
+                    raise RuntimeError(f"kdfast: {name} was called with compute_grad=False and cannot "
+                                       f"backpropagate")
+                found = backward(ctx, grad_loss)
+                for i, g in zip(grad_positions, (found,) if len(grad_positions) == 1 else found):
+                    grads[i] = g
+            if lists:
+                for i, n in zip(lists, ctx.kdfast_list_lengths):
+                    if grads[i] is None:
+                        grads[i] = [None] * n
+            return tuple(grads)
+
+        self.custom_op.register_autograd(input_grads, setup_context=setup)
+        self._eager = _eager_function(self.fn, setup, input_grads, self._lists, self._arity)
+
+    def __call__(self, *args):
+        if traced(args):
+            return self.custom_op(*args)
+        if self._eager is None:
+            return self.fn(*args)
+        if not self._lists:
+            return self._eager.apply(None, *args)
+        flat, lengths = _flatten(args, self._lists)
+        return self._eager.apply(lengths, *flat)
+
+
+def fused_op(name: str, grads: Sequence[str] = (), mutates_args: Sequence[str] = ()) -> Callable[[Callable], FusedOp]:
+    """Define a kdfast op from its function (type-annotated: the schema is inferred)."""
+    return lambda fn: FusedOp(name, fn, grads, mutates_args)
+
+
+def _flatten(args: Sequence, lists: tuple[int, ...]) -> tuple[list, tuple[int, ...]]:
+    """The arguments with their tensor lists spliced in, and the lists' lengths."""
+    flat, lengths = [], []
+    for i, a in enumerate(args):
+        if i in lists:
+            flat.extend(a)
+            lengths.append(len(a))
+        else:
+            flat.append(a)
+    return flat, tuple(lengths)
+
+
+def _unflatten(flat: Sequence, lengths: tuple[int, ...], lists: tuple[int, ...], arity: int) -> list:
+    """The inverse of _flatten."""
+    args, at, lengths_left = [], 0, iter(lengths)
+    for i in range(arity):
+        if i in lists:
+            n = next(lengths_left)
+            args.append(list(flat[at:at + n]))
+            at += n
+        else:
+            args.append(flat[at])
+            at += 1
+    return args
+
+
+def _eager_function(fn: Callable, setup: Callable, input_grads: Callable, lists: tuple[int, ...], arity: int):
+    """The op as a plain autograd.Function: the same function, setup and backward."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, lengths, *flat):
+            args = flat if lengths is None else _unflatten(flat, lengths, lists, arity)
+            output = fn(*args)
+            setup(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            grads = input_grads(ctx, *grads)
+            if lists:
+                grads, _ = _flatten(grads, lists)
+            return (None, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"{fn.__name__}_eager"
+    return Eager
