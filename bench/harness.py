@@ -400,7 +400,7 @@ def fresh_memory(nbytes: int, pause_s: float = 3.0) -> dict[str, Any]:
         t0 = time.perf_counter()
         if x is None:
             x = torch.empty(nbytes // 4)
-            if advise:
+            if advise and platform.system() == "Linux":
                 begin = (x.data_ptr() + huge - 1) & ~(huge - 1)
                 end = (x.data_ptr() + x.nbytes) & ~(huge - 1)
                 libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(max(0, end - begin)), 14)  # MADV_HUGEPAGE
