@@ -123,9 +123,12 @@ def environment(device: str) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "kdfast_commit": kdfast_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds")}
+    env = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+           "kdfast_commit": kdfast_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="seconds")}
+    if hasattr(os, "getloadavg"):  # how busy the machine was (other processes share its cores)
+        env["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return env
 
 
 def _sync(device: str) -> None:
