@@ -212,7 +212,8 @@ def test_opcheck(device, backend, decoupled):
     t = make((6, 35), torch.float32, device, seed=22)
     target = torch.tensor([0, 3, -100, 34, 7, 7], device=device)
     for reduction in ("batchmean", "none"):
-        args = (s, t, target, 1, 3.0, -100, decoupled, 1.0, 8.0, reduction, True, backend)
+        args = (s, t, target, 1, 3.0, -100, "forward_kl", 0.5, decoupled, 1.0, 8.0, reduction, 1.0, None, True,
+                backend)
         torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, args)
 
 
