@@ -22,7 +22,6 @@ NaN there); 'mean' with every token masked is 0 (TRL: NaN, the mean of nothing).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .. import _checks as checks

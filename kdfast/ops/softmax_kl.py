@@ -268,8 +268,8 @@ def _finish(rows: torch.Tensor, scale: torch.Tensor, reduction: str, weight: flo
 # softmax_kl_triton and softmax_kl_topk_triton (triton).
 KERNELS = Kernels("softmax_kl", triton={"softmax_kl": "softmax_kl_triton", "softmax_kl_topk": "softmax_kl_topk_triton"})
 # The backends of reverse KL, JSD and TVD (dense), and of sparse teachers.
-DIVERGENCE_KERNELS = Kernels("softmax_kl", backends=("torch",))
-TOPK_KERNELS = Kernels("softmax_kl", backends=("torch",))
+DIVERGENCE_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton"))
+TOPK_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton"))
 
 
 @fused_op("kdfast::softmax_kl", grads=("s",))
@@ -284,10 +284,9 @@ def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, di
     """
     kept = None if target is None else target != ignore_index
     scale = _grad_scale(reduction, s, dim, kept, weight, divisor)
-    if divergence != "forward_kl":  # (kernels of the other divergences: not yet)
-        raise NotImplementedError(f"kdfast::softmax_kl: no {backend} kernel for {divergence}")
+    divergence_args = () if divergence == "forward_kl" else (divergence, jsd_beta)
     rows, grad = KERNELS("softmax_kl", backend)(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled,
-                                                compute_grad)
+                                                compute_grad, *divergence_args)
     if compute_grad and grad.stride() != s.stride() and grad.stride() != torch.empty_like(s).stride():
         grad = torch.empty_like(s).copy_(grad)  # the layout the fake kernel promises
     return _finish(rows, scale, reduction, weight), grad
@@ -319,7 +318,7 @@ def softmax_kl_topk(s: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tens
     s_last = s.movedim(dim, -1)
     indices = indices.movedim(dim, -1).to(torch.int64).contiguous()
     logprobs = logprobs.movedim(dim, -1).to(acc).contiguous()
-    rows, grad = KERNELS("softmax_kl_topk", backend)(s_last, indices, logprobs, target, scale, T, ignore_index,
+    rows, grad = TOPK_KERNELS("softmax_kl_topk", backend)(s_last, indices, logprobs, target, scale, T, ignore_index,
                                                      divergence, jsd_beta, renormalize, compute_grad)
     if compute_grad:
         grad = grad.movedim(-1, dim)
