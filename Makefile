@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test build demo bench info gpu-check clean
+.PHONY: test build demo bench info gpu-check gpu-stack-check clean
 
 test: $(VENV)/.built  ## build what changed and run the test suite
 	$(PY) -m pytest -q
@@ -38,10 +38,37 @@ bench: $(VENV)/.built  ## benchmarks for this machine's device; results in bench
 info: $(VENV)/.built
 	$(PY) -m kdfast.cli info
 
-# On the GPU machine (no network, system Python with torch, no fastai): build for sm_90,
-# run the GPU tests and benchmarks, results and logs into $OUT (default bench/results/).
-gpu-check:
-	PYTHON=$(PYTHON) bash bench/gpu_check.sh
+# On the GPU machine (no network, system Python with torch, no fastai): build for its
+# architecture, smoke-test every kernel path, run the GPU tests per family and backend,
+# write the validation record, benchmark in the time left; files into $OUT (default
+# bench/results/), a table last. ONLY=softmax_kl,attention (or relational:cuda) re-runs a
+# subset, DEADLINE=seconds (400), BENCH=0 skips the benchmarks. See tests/gpu_check.py.
+ONLY ?=
+DEADLINE ?= 400
+gpu-check:  ## on a GPU machine: every kernel path proven in one short run
+	$(PYTHON) tests/gpu_check.py --only "$(ONLY)" --deadline $(DEADLINE)
+
+# The GPU machine's software (Python 3.12, torch 2.11.0 CUDA 13.0 build, triton 3.6.0,
+# numpy < 2.4: triton 3.6's interpreter fails with numpy 2.4.6 and 2.5, "only 0-dimensional
+# arrays can be converted to Python scalars") in a venv of its own: build
+# kdfast for sm_90 there and run the test suite (fastai's tests skip: that machine has no
+# fastai), so that an API newer than those versions never reaches the GPU untested.
+# Python 3.12 is python3.12 on PATH, or PYTHON312=/path/to/python3.12.
+PYTHON312 ?= python3.12
+STACK_VENV := .venv-gpu-stack
+STACK_PY := $(STACK_VENV)/bin/python
+GPU_STACK := torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest ninja setuptools wheel  # what the GPU machine has
+
+$(STACK_VENV)/.installed:
+	@$(PYTHON312) -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version' 2>/dev/null || \
+		{ echo "gpu-stack-check needs Python 3.12: put python3.12 on PATH or pass PYTHON312=/path/to/python3.12"; exit 2; }
+	$(PYTHON312) -m venv $(STACK_VENV)
+	$(STACK_PY) -m pip install $(GPU_STACK)
+	touch $@
+
+gpu-stack-check: $(STACK_VENV)/.installed  ## the CPU tests on the GPU machine's Python, torch and triton
+	TORCH_CUDA_ARCH_LIST=9.0 $(STACK_PY) setup.py build_ext --inplace
+	$(STACK_PY) -m pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf build kdfast/_C*.so $(VENV)/.built

@@ -62,6 +62,26 @@ def default_max_jobs():
     return str(max(1, min(os.cpu_count() or 1, int(mem_gb // 1.5))))
 
 
+def write_source_hashes():
+    """build/generated/kdfast_source_hashes.h: the hashes of the CUDA kernels' sources, per
+    family (kdfast/_validation.py), for kdfast._C's build info: a validation record counts
+    only for kernels built from the sources it was made with. Rewritten only when they
+    change, so that an unchanged build stays up to date."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kdfast_validation", os.path.join(HERE, "kdfast", "_validation.py"))
+    validation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validation)
+    folder = os.path.join(HERE, "build", "generated")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "kdfast_source_hashes.h")
+    text = f'#define KDFAST_CUDA_SOURCE_HASHES "{validation.build_hashes()}"\n'
+    if not os.path.isfile(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return folder
+
+
 def extension():
     reason = cuda_build_reason()
     with_cuda = reason is None
@@ -83,6 +103,7 @@ def extension():
     if not with_cuda:
         return CppExtension(extra_compile_args={"cxx": cxx + build_info}, **kwargs)
     kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+    kwargs["include_dirs"].append(write_source_hashes())
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(extra_compile_args={"cxx": cxx + build_info, "nvcc": nvcc + build_info}, **kwargs)

@@ -25,7 +25,9 @@ def _fwd_bwd(loss_fn, fs, ft):
     def run():
         for f in fs:
             f.grad = None
-        loss_fn(fs, ft).backward()
+        loss = loss_fn(fs, ft)
+        loss.backward()
+        return (loss.detach(), *(f.grad for f in fs))
     return run
 
 

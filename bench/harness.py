@@ -154,11 +154,17 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
     base = {**env, "op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", "")}
     if case.note:
         base["note"] = case.note
-    records, medians, measured = [], {}, {}
+    records, medians, measured, reference = [], {}, {}, None
     for name, provider in case.providers.items():
         record = {**base, "kind": "timing", "provider": name}
         try:
             run = provider()
+            output = run()  # (also a warm-up call)
+            if output is not None:  # the output against the first provider's (the eager formula), once
+                if reference is None:
+                    reference = output
+                else:
+                    record["vs_first_provider"] = _max_relative_error(output, reference)
             times = time_runner(run, case.device, warmup, repeat)
             record.update(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
                           p80_ms=quantile(times, 0.8), repeats=repeat)
@@ -215,6 +221,15 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
     return records
 
 
+def _max_relative_error(output, reference) -> float:
+    """Largest error of a runner's tensors (loss, gradients) relative to the magnitude of the
+    reference's, over the tensors."""
+    pairs = zip(output, reference) if isinstance(output, (tuple, list)) else [(output, reference)]
+    errors = [float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+              for a, b in pairs if isinstance(a, torch.Tensor) and a.shape == b.shape]
+    return max(errors, default=float("nan"))
+
+
 def _format(r: dict[str, Any]) -> str:
     head = f"{r['op']:<22} {json.dumps(r['shape']):<40} {r['dtype']:<9} {r['provider']:<24}"
     if "error" in r and "speedup" not in r:
@@ -228,6 +243,8 @@ def _format(r: dict[str, Any]) -> str:
         of = f" = {r['fraction']:g} x {r['baseline']}" if "baseline" in r else ""
         return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}{of}: {met})"
     text = f"{head} {r['median_ms']:10.3f} ms"
+    if "vs_first_provider" in r:
+        text += f" (max rel. diff {r['vs_first_provider']:.1e})"
     if "effective_gbps" in r:
         text += f" {r['effective_gbps']:8.1f} GB/s"
     if "peak_extra_mb" in r:
@@ -243,10 +260,13 @@ def write_records(records: list[dict[str, Any]], path: str) -> None:
 
 
 def fwd_bwd(loss_fn: Callable[..., torch.Tensor], student: torch.Tensor, *args, **kwargs) -> Runner:
-    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student``."""
+    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student``;
+    returns both (checked once against the eager formula's)."""
     def run():
         student.grad = None
-        loss_fn(student, *args, **kwargs).backward()
+        loss = loss_fn(student, *args, **kwargs)
+        loss.backward()
+        return loss.detach(), student.grad
     return run
 
 

@@ -9,6 +9,10 @@
 #include <torch/version.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
+
+#include "softmax_kl_plan.h"
 
 namespace kdfast {
 #if KDFAST_WITH_CUDA
@@ -37,6 +41,24 @@ std::string build_info() {
 #endif
   return info;
 }
+
+// The CUDA softmax-KL launch plan for a row of V classes on a device with these limits
+// (csrc/softmax_kl_plan.h): [path, threads, cluster, slice, dynamic_smem, max_dynamic] and the path's
+// name. limits: [cc_major, smem_optin, rows_static_smem, cluster_static_smem, clusters].
+std::tuple<std::vector<int64_t>, std::string> softmax_kl_launch_plan(int64_t V, int64_t elem_size, bool acc_double,
+                                                                     bool vec, std::vector<int64_t> limits) {
+  TORCH_CHECK(limits.size() == 5, "kdfast: softmax_kl_launch_plan: limits needs 5 values, got ", limits.size());
+  SoftmaxKLLimits d;
+  d.cc_major = limits[0];
+  d.smem_optin = limits[1];
+  d.rows_static_smem = limits[2];
+  d.cluster_static_smem = limits[3];
+  d.clusters = limits[4] != 0;
+  const SoftmaxKLPlan plan = plan_softmax_kl_rows(V, elem_size, acc_double, vec, d);
+  return {{static_cast<int64_t>(plan.path), plan.threads, plan.cluster, plan.slice, plan.dynamic_smem,
+           plan.max_dynamic},
+          softmax_kl_path_name(plan, vec)};
+}
 }  // namespace kdfast
 
 TORCH_LIBRARY(kdfast_C, m) {
@@ -48,6 +70,11 @@ TORCH_LIBRARY(kdfast_C, m) {
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
       "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // The CUDA kernels' launch plan (csrc/softmax_kl_plan.h), for tests on any machine.
+  m.def("softmax_kl_launch_plan(int V, int elem_size, bool acc_double, bool vec, int[] limits) -> (int[], str)",
+        &kdfast::softmax_kl_launch_plan);
+  // The CUDA kernel path a softmax_kl call on these inputs takes (CUDA tensors only).
+  m.def("softmax_kl_path(Tensor s, Tensor t, int dim, bool compute_grad) -> str");
   // grad *= grad_output (a scalar on the device), skipped on the device when it is 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   // Relational losses from the student's and teacher's Gram matrices [B, B] (float32 or
@@ -65,6 +92,8 @@ TORCH_LIBRARY(kdfast_C, m) {
   // Backward: grad_loss * d loss / d f_s for every student map, laid out as empty_like(f_s).
   m.def("attention_transfer_forward(Tensor[] f_s, Tensor[] f_t, float p) -> (Tensor, Tensor[])");
   m.def("attention_transfer_backward(Tensor grad_loss, Tensor[] f_s, Tensor[] maps, float p) -> Tensor[]");
+  // The CUDA kernel path an attention_transfer call on these maps takes (CUDA tensors only).
+  m.def("attention_path(Tensor[] f_s, Tensor[] f_t, float p) -> str");
 }
 
 // `import kdfast._C` loads this library, which registers the operators above.

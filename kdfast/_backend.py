@@ -14,7 +14,7 @@ run a call raises :class:`BackendUnavailable` saying why.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -119,12 +119,14 @@ def unavailable_reason(backend: str, device: torch.device | str, kernels: Collec
     return None
 
 
-def select_backend(op: str, kernels: Collection[str], device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device``: the forced one, or auto's choice."""
+def select_backend(op: str, kernels: Collection[str], device: torch.device,
+                   check: Callable[[str], bool] | None = None) -> str:
+    """The backend that runs ``op`` on ``device``: the forced one, or auto's choice: the
+    first available one that passes ``check`` (verified first use, kdfast/_verify.py)."""
     forced = current_backend()
     if forced == "auto":
         for backend in AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(backend, device, kernels) is None:
+            if unavailable_reason(backend, device, kernels) is None and (check is None or check(backend)):
                 return backend
         return "torch"
     reason = unavailable_reason(forced, device, kernels)

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import _backend, _extension
+from . import _backend, _extension, _validation, _verify
 from .ops import attention, relational, softmax_kl
 
 OPS = {
@@ -59,7 +59,31 @@ def info_text() -> str:
     lines.append("ops (kernels; auto picks per device: cuda > triton > torch on GPU, cpu > torch on CPU):")
     for op, kernels in OPS.items():
         lines.append(f"  {op}: {', '.join(kernels)}")
+    lines += validation_lines()
     return "\n".join(lines)
+
+
+def validation_lines() -> list[str]:
+    """Per GPU backend and kernel family: the record that validates its kernels (for this
+    GPU's compute capability when there is a GPU), or that they are checked on first use."""
+    capability = _verify.capability(torch.device("cuda")) if torch.cuda.is_available() else None
+    try:
+        setting = _verify.mode()
+    except ValueError as e:
+        setting = str(e)
+    where = f"this GPU's compute capability {capability}" if capability else "any GPU (none here)"
+    lines = [f"GPU kernels (KDFAST_VERIFY={setting}; records of `make gpu-check` for {where}):"]
+    records = _validation.load()
+    for backend in _validation.GPU_BACKENDS:
+        for family in _validation.FAMILIES:
+            if _validation.current_hash(family, backend) is None:
+                status = "not built" if backend == "cuda" else "sources not found"
+            else:
+                record = _validation.matching(family, backend, capability, records)
+                status = (f"validated on {record.get('gpu')} ({record.get('capability')}) at {record.get('commit')}"
+                          if record else "unvalidated: checked on first use")
+            lines.append(f"  {backend:7s} {family:12s} {status}")
+    return lines
 
 
 def info() -> None:

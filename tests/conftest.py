@@ -29,21 +29,9 @@ import pytest  # noqa: E402
 import kdfast  # noqa: E402
 from kdfast import _backend  # noqa: E402
 
-# Largest error allowed against the float64 reference, relative to the reference's largest
-# magnitude: fp32 accumulation everywhere, so the output's own rounding dominates
-# (bfloat16 keeps 8 bits of mantissa, float16 11).
-TOLERANCE = {
-    torch.float64: 1e-10,
-    torch.float32: 2e-6,
-    torch.bfloat16: 8e-3,
-    torch.float16: 1e-3,
-}
-LOSS_TOLERANCE = {  # losses are accumulated and returned in fp32 whatever the input dtype
-    torch.float64: 1e-10,
-    torch.float32: 2e-6,
-    torch.bfloat16: 2e-6,
-    torch.float16: 2e-6,
-}
+# The tolerances the kernels are held to, shared with kdfast's verified first use.
+from kdfast._verify import LOSS_TOLERANCE, TOLERANCE, compare  # noqa: E402,F401
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -55,20 +43,13 @@ def kernel_backends(device: str, kernels) -> list[str]:
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "",
                  floor: float = 1e-30) -> None:
-    """max |actual - expected| <= tol * max(|expected|, floor), compared in float64.
+    """max |actual - expected| <= tol * max(|expected|, floor), compared in float64, with the
+    same non-finite entries (kdfast._verify.compare).
 
     ``floor``: the scale below which errors count as absolute, for values that are 0 up to
     rounding (e.g. RKD at a batch of 2)."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    finite = torch.isfinite(expected)
-    assert torch.equal(finite, torch.isfinite(actual)), f"{what}: non-finite entries differ"
-    assert torch.equal(actual[~finite].nan_to_num(0), expected[~finite].nan_to_num(0)), \
-        f"{what}: infinite entries differ"
-    if finite.any():
-        scale = expected[finite].abs().max().clamp_min(floor)
-        err = (actual[finite] - expected[finite]).abs().max()
-        assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+    problem = compare(actual, expected, tol, floor)
+    assert problem is None, f"{what}: {problem}"
 
 
 def assert_compiled_matches_eager(loss_fn, students: list, others: list, backend: str, tol: float = 1e-6) -> None:
@@ -85,6 +66,40 @@ def assert_compiled_matches_eager(loss_fn, students: list, others: list, backend
     assert_close(compiled[0], eager[0], tol, "loss")
     for c, e in zip(compiled[1], eager[1]):
         assert_close(c, e, tol, "grad")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--kdfast-backend", help="run only the tests of this backend (the `backend` parameter "
+                     "of parametrized tests; `make gpu-check` runs each family and backend in a process)")
+    parser.addoption("--kdfast-first", type=int, help="run only the first N selected tests (gpu-check's dry run)")
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k
+def pytest_collection_modifyitems(config, items):
+    backend, first = config.getoption("--kdfast-backend"), config.getoption("--kdfast-first")
+    keep = items
+    if backend:
+        keep = [item for item in keep if getattr(item, "callspec", None) is not None
+                and item.callspec.params.get("backend") == backend]
+    if first is not None:
+        keep = keep[:first]
+    if len(keep) < len(items):
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _triton_launches_as_on_a_gpu():
+    """Interpreted Triton kernels get their float arguments as fp32 and a GPU's grid
+    limits, as a real launch (tests/triton_launch.py)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        yield
+        return
+    pytest.importorskip("triton")
+    from triton_launch import launch_semantics
+    with launch_semantics():
+        yield
 
 
 @pytest.fixture(autouse=True)

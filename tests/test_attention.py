@@ -91,6 +91,7 @@ def check(backend, f_s, f_t, dtype, p=2.0, tol=None, grad_scale=1.0, **kw):
         assert_close(g, r, tol or TOLERANCE[dtype], "grad")
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -205,6 +206,7 @@ def test_mixed_dtypes_promote(device, backend):
     check(backend, [f_s], [f_t], torch.float32, tol=1e-5)
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_gradcheck(device, backend):
     f_s = [make((2, 3, 3, 4), torch.float64, device, seed=21).requires_grad_(),
@@ -218,6 +220,7 @@ def test_gradcheck(device, backend):
     assert torch.autograd.gradcheck(f, tuple(f_s))
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_opcheck(device, backend):
     f_s = [make((2, 3, 5, 5), torch.float32, device, seed=25).requires_grad_(),
@@ -233,6 +236,7 @@ def test_opcheck(device, backend):
                           (grad_loss, [f.detach() for f in f_s], maps, 2.0, backend))
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     f_s = [make((2, 3, 4, 4), torch.float32, device, seed=29).requires_grad_(),
@@ -308,3 +312,40 @@ def test_large_gradients_on_the_cpu(dtype, layout, spatial):
         check("cpu", [f_s], [f_t], dtype, grad_scale=2.0 ** 16)
     finally:
         torch.set_num_threads(threads)
+
+
+GPU_BACKENDS = kernel_backends("cuda", op.KERNELS) if torch.cuda.is_available() else []
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_gpu_gradients_over_many_tiles(backend, dtype, layout, p):
+    """Maps of 256 x 32 x 32 (and odd sizes): the gradient kernels' blocks take ~16K
+    elements, so every sample spans many tiles of channels and positions."""
+    f_s = [make((8, 256, 32, 32), dtype, "cuda", layout, seed=40),
+           make((3, 130, 17, 9), dtype, "cuda", layout, seed=41)]
+    f_t = [make((8, 64, 32, 32), dtype, "cuda", seed=42), make((3, 70, 17, 9), dtype, "cuda", seed=43)]
+    tol = max(TOLERANCE[dtype], 3 * max(own_error(f_s[0], f_t[0], p), own_error(f_s[1], f_t[1], p)))
+    check(backend, f_s, f_t, dtype, p=p, tol=max(tol, LOSS_TOLERANCE[dtype]))
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_more_than_16_maps_in_one_call(backend, dtype):
+    """20 layer pairs of mixed layouts and sizes: 40 maps forward, 20 backward, more than a
+    launch's table holds (16), so the CUDA kernels take several launches."""
+    layouts = ["contiguous", "channels_last", "strided"]
+    f_s = [make((4, 8 + 4 * i, 6 + i % 5, 7), dtype, "cuda", layouts[i % 3], seed=50 + i) for i in range(20)]
+    f_t = [make((4, 16 + i, 6 + i % 5, 7), dtype, "cuda", layouts[(i + 1) % 3], seed=80 + i) for i in range(20)]
+    check(backend, f_s, f_t, dtype)
+    if backend == "cuda":
+        assert torch.ops.kdfast_C.attention_path(f_s, f_t, 2.0).endswith("/batched")

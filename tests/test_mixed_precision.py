@@ -60,6 +60,7 @@ LOSSES = [
 ]
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,dtype", PRECISIONS)
 @pytest.mark.parametrize("name,loss", LOSSES, ids=[n for n, _ in LOSSES])
 def test_losses_take_low_precision_inputs_as_they_are(monkeypatch, device, dtype, name, loss):
@@ -93,6 +94,7 @@ def test_losses_take_low_precision_inputs_as_they_are(monkeypatch, device, dtype
     assert_close(value.detach(), reference, 2e-2 if dtype == torch.float16 else 5e-2, f"{name} value")
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,dtype", PRECISIONS)
 def test_training_steps_under_autocast(device, dtype):
     """A few SGD steps with SoftTarget + Attention on hooked features; fp16 with a GradScaler."""

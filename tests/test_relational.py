@@ -6,6 +6,7 @@ import torch
 import kdfast
 from kdfast import _backend
 from kdfast import functional as KF
+from kdfast._verify import RELATIONAL_FLOOR, RELATIONAL_LOSS_TOLERANCE
 from kdfast.ops import relational as op
 from conftest import DTYPES, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
 
@@ -37,10 +38,8 @@ CASES = [((2, 5), 3), ((7, 3, 2, 2), 9), ((19, 40), 13)]
 # Larger shapes for the GPU kernels' tiles (64 and more, not multiples of them)
 GPU_CASES = [((130, 300), 70), ((257, 64), 96)]
 # A kernel's error against float64 may reach twice the error of the reference run in the
-# input's precision, or these floors (relative to the largest value). Losses are float32
-# sums of terms much larger than their total (PKT's KL of two close distributions loses
-# ~8 bits at B = 2), hence ~2^-14 rather than float32's 2^-23.
-LOSS_FLOOR = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 5e-5, torch.float16: 5e-5}
+# input's precision, or the floors of kdfast._verify's table for the relational losses.
+LOSS_FLOOR = RELATIONAL_LOSS_TOLERANCE
 
 
 def make(shape, dtype, device, seed, scale=1.0):
@@ -58,7 +57,7 @@ def run(fn, backend, s, t, grad_out=1.7):
 
 
 # Scale under which errors count as absolute: RKD at B = 2 is 0 (one distance, one angle).
-TINY = 1e-6
+TINY = RELATIONAL_FLOOR
 
 
 def rel_error(actual, expected):
@@ -82,6 +81,7 @@ def check_against_reference(name, backend, s, t, grad_out=1.7):
     close(grad, ref_grad, grad_tol, f"{name} grad")
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", LOSSES)
@@ -92,6 +92,7 @@ def test_matches_reference(device, backend, dtype, name, shape, teacher_width):
     check_against_reference(name, backend, s, t)
 
 
+@pytest.mark.gpu_core
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -185,6 +186,7 @@ def test_nan_input(device, backend):
     assert_close(value, op.pkt_ref(s.double(), t.double()), 1e-5, "pkt")
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("name", LOSSES)
 def test_gradcheck(device, backend, name):
@@ -199,6 +201,7 @@ def test_gradcheck(device, backend, name):
     assert torch.autograd.gradcheck(f, (s,))
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_opcheck(device, backend):
     s = make((6, 7), torch.float32, device, seed=16).requires_grad_()
@@ -210,6 +213,7 @@ def test_opcheck(device, backend):
                               (student, t, 2.0, compute_grad, backend))
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     s = make((8, 12), torch.float32, device, seed=18).requires_grad_()

@@ -60,6 +60,7 @@ def run(backend, s, t, grad_out, fn=KF.soft_target_kl, **kw):
     return loss.detach(), s.grad
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,dim", CASES, ids=str)
@@ -156,6 +157,7 @@ def test_nan_input_gives_nan_loss(device, backend):
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [False, True])
@@ -190,6 +192,7 @@ def test_decoupled_kd_confident_target(device, backend):
     assert_close(grad, ref_grad, 1e-6, "grad")
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_gradcheck(device, backend, reduction):
@@ -205,6 +208,7 @@ def test_gradcheck(device, backend, reduction):
     assert torch.autograd.gradcheck(f, (s,))
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_opcheck(device, backend, decoupled):
@@ -217,6 +221,7 @@ def test_opcheck(device, backend, decoupled):
         torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, args)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     s = make((8, 50), torch.float32, device, seed=23).requires_grad_()
@@ -288,23 +293,158 @@ def test_vocabulary_beyond_256k(device, backend):
     assert_close(grad, ref_grad, 1e-5, "grad")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", kernel_backends("cuda", op.KERNELS) if torch.cuda.is_available() else [])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("V", [20000, 50000, 128256, 300000])
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_gpu_kernel_paths(backend, dtype, V, decoupled):
-    """Rows cached in one block, split over a cluster (sm_90), or read through L2."""
-    N = 6
+# The CUDA kernels' launch plan (csrc/softmax_kl_plan.h) on an H200: static shared memory
+# of the caching rows kernel and of the cluster kernel (ptxas -v for sm_90), per accumulation
+# dtype, and the opt-in limit of shared memory per block.
+H200_OPTIN = 232448
+ROWS_STATIC = {False: 688, True: 1344}     # acc_double -> bytes
+CLUSTER_STATIC = {False: 704, True: 1376}
+PATHS = {0: "columns", 1: "rows-cached", 2: "rows-uncached", 3: "cluster"}
+
+
+def launch_plan(V, elem_size, acc_double, vec=True, cc_major=9, optin=H200_OPTIN, clusters=True):
+    values, name = torch.ops.kdfast_C.softmax_kl_launch_plan(
+        V, elem_size, acc_double, vec, [cc_major, optin, ROWS_STATIC[acc_double], CLUSTER_STATIC[acc_double],
+                                        int(clusters)])
+    keys = ("path", "threads", "cluster", "slice", "dynamic_smem", "max_dynamic")
+    return dict(zip(keys, values), name=name)
+
+
+needs_extension = pytest.mark.skipif(not kdfast._extension.LOADED, reason="needs kdfast._C")
+
+
+@needs_extension
+@pytest.mark.parametrize("elem_size,acc_double", [(4, False), (2, False), (8, True)], ids=["fp32", "16-bit", "fp64"])
+@pytest.mark.parametrize("cc_major,optin", [(9, H200_OPTIN), (8, 166912), (8, 101376)], ids=["H200", "A100", "sm86"])
+def test_launch_plan_keeps_shared_memory_within_the_limits(elem_size, acc_double, cc_major, optin):
+    """Every V: static + dynamic shared memory within the block's opt-in limit, dynamic
+    memory within the kernel's attribute (raised once, never beyond opt-in - static), the
+    row cached whenever it fits, and no more threads than the kernels' launch bounds."""
+    static = {1: ROWS_STATIC[acc_double], 3: CLUSTER_STATIC[acc_double]}
+    for V in [*range(1, 4096, 7), *range(2900, 13000, 3), *range(13000, 140000, 997), 262147]:
+        for vec in (True, False):
+            plan = launch_plan(V, elem_size, acc_double, vec, cc_major, optin)
+            row_bytes = 2 * V * elem_size
+            assert plan["threads"] <= (512 if acc_double else 1024)
+            if plan["path"] in static:
+                assert plan["dynamic_smem"] <= plan["max_dynamic"], (V, plan)
+                assert static[plan["path"]] + plan["max_dynamic"] <= optin, (V, plan)
+            if plan["path"] == 1:
+                assert plan["dynamic_smem"] == row_bytes
+            elif plan["path"] == 3:
+                assert cc_major >= 9 and vec and plan["cluster"] * plan["slice"] >= V
+                assert 2 * plan["slice"] * elem_size == plan["dynamic_smem"]
+            else:  # read through L2: only a row that no block or cluster can cache
+                assert row_bytes > min(100 * 1024, optin - static[1]), (V, plan)
+                assert cc_major < 9 or not vec or row_bytes > 8 * 100 * 1024, (V, plan)
+
+
+@needs_extension
+@pytest.mark.parametrize("elem_size,acc_double,V,name", [
+    (4, False, 6059, "rows-cached"), (4, False, 6144, "rows-cached"),    # static + dynamic > 48 KB
+    (2, False, 12117, "rows-cached"), (2, False, 12288, "rows-cached"),
+    (8, True, 2989, "rows-cached"), (8, True, 3072, "rows-cached"),
+    (4, False, 12800, "rows-cached"), (4, False, 12801, "cluster-2"),    # 100 KB a block
+    (4, False, 50000, "cluster-4"), (4, False, 51201, "cluster-8"), (4, False, 102400, "cluster-8"),
+    (4, False, 102401, "rows-uncached"),
+    (2, False, 51201, "cluster-4"), (2, False, 102400, "cluster-4"), (2, False, 128256, "cluster-8"),
+    (8, True, 8000, "cluster-2"), (8, True, 20000, "cluster-4"), (8, True, 51200, "cluster-8"),
+    (8, True, 51201, "rows-uncached"),
+], ids=str)
+def test_launch_plan_paths_on_an_h200(elem_size, acc_double, V, name):
+    assert launch_plan(V, elem_size, acc_double)["name"] == name
+    assert launch_plan(V + 1, elem_size, acc_double, vec=False)["name"].endswith("-scalar")
+    if name.startswith("cluster"):  # clusters off (or unavailable): the rows kernel reads through L2
+        assert launch_plan(V, elem_size, acc_double, clusters=False)["name"] == "rows-uncached"
+
+
+def _cuda_path(s, t, dim=-1):
+    return torch.ops.kdfast_C.softmax_kl_path(s, t, dim % s.dim(), True)
+
+
+# (dtype, V, the CUDA kernel path on an H200): every path and its boundaries, including the
+# rows of 6059-6144 (fp32), 12117-12288 (16-bit) and 2989-3072 (fp64) classes whose cache
+# needs the static shared memory counted.
+GPU_PATH_CASES = [
+    (torch.float32, 6144, "rows-cached"), (torch.float32, 12288, "rows-cached"),
+    (torch.float32, 20000, "cluster-2"), (torch.float32, 50000, "cluster-4"),
+    (torch.float32, 60000, "cluster-8"), (torch.float32, 102400, "cluster-8"),
+    (torch.float32, 128256, "rows-uncached"), (torch.float32, 300000, "rows-uncached"),
+    (torch.bfloat16, 12288, "rows-cached"), (torch.bfloat16, 20000, "rows-cached"),
+    (torch.bfloat16, 50000, "cluster-2"), (torch.bfloat16, 60000, "cluster-4"),
+    (torch.bfloat16, 128256, "cluster-8"), (torch.bfloat16, 300000, "rows-uncached"),
+    (torch.float16, 12117, "rows-cached-scalar"), (torch.float16, 12288, "rows-cached"),
+    (torch.float16, 102400, "cluster-4"),
+    (torch.float64, 3072, "rows-cached"), (torch.float64, 2989, "rows-cached-scalar"),
+    (torch.float64, 8000, "cluster-2"), (torch.float64, 20000, "cluster-4"),
+    (torch.float64, 50000, "cluster-8"), (torch.float64, 60000, "rows-uncached"),
+]
+
+
+def check_gpu_rows(backend, dtype, V, decoupled, N=6):
     s, t = make((N, V), dtype, "cuda", seed=35), make((N, V), dtype, "cuda", seed=36)
-    target = torch.tensor([0, V - 1, 17, -100, 5, V // 2], device="cuda")
+    target = torch.tensor([0, V - 1, 17, -100, 5, V // 2][:N], device="cuda")
     grad_out = torch.tensor(1.3, device="cuda")
     kw = dict(T=3.0, dim=-1, target=target)
-    if decoupled:
-        loss, grad = run(backend, s, t, grad_out, fn=KF.decoupled_kd, **kw)
-    else:
-        loss, grad = run(backend, s, t, grad_out, **kw)
+    loss, grad = run(backend, s, t, grad_out, fn=KF.decoupled_kd if decoupled else KF.soft_target_kl, **kw)
     ref_loss, ref_grad = reference(s, t, grad_out, reduction="batchmean", decoupled=decoupled, **kw)
-    assert_close(loss, ref_loss, 2e-5, "loss")
-    assert_close(grad, ref_grad, max(TOLERANCE[dtype], 1e-5), "grad")
+    assert_close(loss, ref_loss, 2e-5 if dtype != torch.float64 else LOSS_TOLERANCE[dtype], "loss")
+    assert_close(grad, ref_grad, max(TOLERANCE[dtype], 1e-5 if dtype != torch.float64 else 0), "grad")
+    return s, t
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_BACKENDS = kernel_backends("cuda", op.KERNELS) if torch.cuda.is_available() else []
+ON_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,V,path", GPU_PATH_CASES, ids=str)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_gpu_kernel_paths(backend, dtype, V, path, decoupled):
+    """Rows cached in one block, split over a cluster (sm_90), or read through L2."""
+    s, t = check_gpu_rows(backend, dtype, V, decoupled)
+    if backend == "cuda" and ON_SM90:
+        assert _cuda_path(s, t) == path
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@needs_gpu
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs the CUDA kernels")
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 60000), (torch.bfloat16, 60000), (torch.float64, 20000)],
+                         ids=str)
+def test_gpu_cluster_fallback(dtype, V):
+    """Where clusters cannot run, rows of a cluster's size are read through L2."""
+    previous = torch.ops.kdfast_C.softmax_kl_allow_clusters(False)
+    try:
+        s, t = check_gpu_rows("cuda", dtype, V, decoupled=True)
+        assert _cuda_path(s, t) == "rows-uncached"
+    finally:
+        torch.ops.kdfast_C.softmax_kl_allow_clusters(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16, 1000, 32, 32), (4, 32003, 2, 3), (3, 21, 65, 67)], ids=str)
+def test_gpu_columns_kernel(backend, dtype, shape):
+    """[B, C, H, W] with dim=1: one thread per row, many rows, wide and odd class counts."""
+    s, t = make(shape, dtype, "cuda", seed=37), make(shape, dtype, "cuda", seed=38)
+    rows = (shape[0],) + shape[2:]
+    target = torch.randint(0, shape[1], rows, generator=torch.Generator().manual_seed(2)).to("cuda")
+    target[0, 0, :3] = -100
+    grad_out = torch.tensor(0.9, device="cuda")
+    kw = dict(T=2.0, dim=1, target=target)
+    for fn, decoupled in ((KF.soft_target_kl, False), (KF.decoupled_kd, True)):
+        loss, grad = run(backend, s, t, grad_out, fn=fn, **kw)
+        ref_loss, ref_grad = reference(s, t, grad_out, reduction="batchmean", decoupled=decoupled, **kw)
+        assert_close(loss, ref_loss, max(LOSS_TOLERANCE[dtype], 1e-5 if dtype != torch.float64 else 0), "loss")
+        assert_close(grad, ref_grad, max(TOLERANCE[dtype], 1e-5 if dtype != torch.float64 else 0), "grad")
+    if backend == "cuda":
+        assert _cuda_path(s, t, 1) == "columns"

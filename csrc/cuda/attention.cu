@@ -19,7 +19,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
 #include <algorithm>
+#include <map>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -577,9 +583,54 @@ std::vector<at::Tensor> attention_transfer_backward_cuda(const at::Tensor& grad_
   return finish_attention_backward(prob);
 }
 
+const char* layout_name(Layout layout) {
+  return layout == Layout::Positions ? "positions" : layout == Layout::Channels ? "channels" : "scalar";
+}
+
+// The view a kernel reads f through (a contiguous copy's when f has none: copies and fresh
+// allocations are 16-byte aligned, hence a null pointer) without copying anything.
+std::pair<FeatureView, const void*> kernel_view(const at::Tensor& f) {
+  FeatureView v;
+  if (feature_view(f, v)) return {v, f.const_data_ptr()};
+  feature_view(at::empty(f.sizes(), f.options().device(at::kMeta)), v);
+  return {v, nullptr};
+}
+
+// The kernel path of a call (kdfast's verified first use): the layouts the forward and the
+// backward kernels read, the power's kernel, and "batched" when a layout has more than
+// kMaxMaps maps (several launches), e.g. "positions+channels/positions/p2".
+std::string attention_path_cuda(at::TensorList f_s, at::TensorList f_t, double p) {
+  check_attention_inputs(f_s.vec(), f_t.vec(), p, "attention_path");
+  std::map<std::string, int> forward, backward;
+  KDFAST_DISPATCH_FLOATING(f_s[0].scalar_type(), "attention_path", [&] {
+    for (size_t i = 0; i < f_s.size(); ++i) {
+      for (const at::Tensor& f : {f_s[i], f_t[i]}) {
+        const auto [v, ptr] = kernel_view(f);
+        ++forward[layout_name(pick_layout<scalar_t>(v, ptr))];
+      }
+      const auto [vf, pf] = kernel_view(f_s[i]);
+      const auto [vg, pg] = kernel_view(at::empty_like(f_s[i], f_s[i].options().device(at::kMeta)));
+      ++backward[layout_name(pick_layout<scalar_t>(vf, pf, &vg, nullptr))];
+    }
+  });
+  bool batched = false;
+  const auto names = [&](const std::map<std::string, int>& layouts) {
+    std::string out;
+    for (const auto& [name, count] : layouts) {
+      out += (out.empty() ? "" : "+") + name;
+      batched = batched || count > kMaxMaps;
+    }
+    return out;
+  };
+  std::string path = names(forward) + "/" + names(backward);
+  path += attention_power(p) == AttentionPower::Square ? "/p2" : "/p";
+  return batched || f_s.size() > static_cast<size_t>(kMaxMaps) ? path + "/batched" : path;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast_C, CUDA, m) {
+  m.impl("attention_path", &attention_path_cuda);
   m.impl("attention_transfer_forward", &attention_transfer_forward_cuda);
   m.impl("attention_transfer_backward", &attention_transfer_backward_cuda);
 }

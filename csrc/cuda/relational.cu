@@ -79,8 +79,9 @@ __device__ __forceinline__ float clamp_unit<float>(float x) {
 // ---------------------------------------------------------------- RKD
 
 template <typename acc_t>
-__global__ void rkd_pairs_kernel(const acc_t* __restrict__ G, int64_t B, acc_t tol, acc_t* __restrict__ d2,
-                                 acc_t* __restrict__ u, acc_t* __restrict__ beta, acc_t* __restrict__ row_sum) {
+__global__ void __launch_bounds__(kRowThreads)
+    rkd_pairs_kernel(const acc_t* __restrict__ G, int64_t B, acc_t tol, acc_t* __restrict__ d2,
+                     acc_t* __restrict__ u, acc_t* __restrict__ beta, acc_t* __restrict__ row_sum) {
   __shared__ acc_t scratch[33];
   const int64_t i = blockIdx.x;
   const acc_t g_ii = G[i * B + i];
@@ -98,9 +99,10 @@ __global__ void rkd_pairs_kernel(const acc_t* __restrict__ G, int64_t B, acc_t t
 
 // Rows of smooth_l1(rho) and of smooth_l1'(rho) d_s / mu_s; mu_sums: sums of the distances.
 template <typename acc_t>
-__global__ void rkd_distance_rows_kernel(const acc_t* __restrict__ d2s, const acc_t* __restrict__ d2t, int64_t B,
-                                         const acc_t* __restrict__ mu_sums, acc_t* __restrict__ loss_rows,
-                                         acc_t* __restrict__ k_rows) {
+__global__ void __launch_bounds__(kRowThreads)
+    rkd_distance_rows_kernel(const acc_t* __restrict__ d2s, const acc_t* __restrict__ d2t, int64_t B,
+                             const acc_t* __restrict__ mu_sums, acc_t* __restrict__ loss_rows,
+                             acc_t* __restrict__ k_rows) {
   __shared__ acc_t scratch[33];
   const int64_t i = blockIdx.x;
   const acc_t pairs = acc_t(B * (B - 1));
@@ -334,7 +336,8 @@ __device__ __forceinline__ acc_t rkd_pair_grad_at(const RkdAssembleArgs& a, int6
 
 // Row i of S (relational_math.h).
 template <typename acc_t, bool with_distance, bool with_angle>
-__global__ void rkd_assemble_kernel(RkdAssembleArgs args, int64_t B, acc_t wd, acc_t wa, acc_t* __restrict__ S) {
+__global__ void __launch_bounds__(kRowThreads)
+    rkd_assemble_kernel(RkdAssembleArgs args, int64_t B, acc_t wd, acc_t wa, acc_t* __restrict__ S) {
   __shared__ acc_t scratch[33];
   const int64_t i = blockIdx.x;
   const acc_t pairs = acc_t(B * (B - 1)), inv_b2 = acc_t(1) / acc_t(B * B);
@@ -366,8 +369,9 @@ __global__ void rkd_assemble_kernel(RkdAssembleArgs args, int64_t B, acc_t wd, a
 // Row i: rows[0][i] = r_s, rows[1][i] = r_t (row sums of K), rows[2][i] = sigma (times B^2),
 // rows[3][i] = the loss row.
 template <typename acc_t>
-__global__ void pkt_rows_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt, int64_t B, acc_t eps,
-                                acc_t* __restrict__ rows) {
+__global__ void __launch_bounds__(kRowThreads)
+    pkt_rows_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt, int64_t B, acc_t eps,
+                    acc_t* __restrict__ rows) {
   __shared__ acc_t scratch[33];
   const int64_t i = blockIdx.x;
   const acc_t cs_i = pkt_inv_norm(Gs[i * B + i], eps), ct_i = pkt_inv_norm(Gt[i * B + i], eps);
@@ -407,8 +411,9 @@ __device__ __forceinline__ acc_t pkt_kappa(const acc_t* Gs, const acc_t* Gt, con
 }
 
 template <typename acc_t>
-__global__ void pkt_grad_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt,
-                                const acc_t* __restrict__ rows, int64_t B, acc_t eps, acc_t* __restrict__ S) {
+__global__ void __launch_bounds__(kRowThreads)
+    pkt_grad_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt,
+                    const acc_t* __restrict__ rows, int64_t B, acc_t eps, acc_t* __restrict__ S) {
   __shared__ acc_t scratch[33];
   const int64_t i = blockIdx.x;
   const acc_t inv_b2 = acc_t(1) / acc_t(B * B);
@@ -439,8 +444,9 @@ __global__ void pkt_grad_kernel(const acc_t* __restrict__ Gs, const acc_t* __res
 // Row i: rows[0][i], rows[1][i] = p-norms of the student and teacher rows, rows[2][i] =
 // sigma (times B^2 / 2), rows[3][i] = the loss row.
 template <typename acc_t>
-__global__ void similarity_rows_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt, int64_t B,
-                                       acc_t p, acc_t* __restrict__ rows) {
+__global__ void __launch_bounds__(kRowThreads)
+    similarity_rows_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt, int64_t B,
+                           acc_t p, acc_t* __restrict__ rows) {
   __shared__ acc_t scratch[33];
   const int64_t i = blockIdx.x;
   acc_t sum_s = 0, sum_t = 0;
@@ -478,8 +484,9 @@ __device__ __forceinline__ acc_t similarity_grad_at(const acc_t* Gs, const acc_t
 }
 
 template <typename acc_t>
-__global__ void similarity_grad_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt,
-                                       const acc_t* __restrict__ rows, int64_t B, acc_t p, acc_t* __restrict__ S) {
+__global__ void __launch_bounds__(kRowThreads)
+    similarity_grad_kernel(const acc_t* __restrict__ Gs, const acc_t* __restrict__ Gt,
+                           const acc_t* __restrict__ rows, int64_t B, acc_t p, acc_t* __restrict__ S) {
   const int64_t i = blockIdx.x;
   const acc_t two_inv_b2 = acc_t(2) / acc_t(B * B);
   for (int64_t j = threadIdx.x; j < B; j += blockDim.x) {

@@ -14,8 +14,10 @@
 namespace kdfast {
 namespace {
 
+constexpr int kThreads = 256;
+
 template <typename scalar_t, typename scale_t>
-__global__ void scale_grad_kernel(scalar_t* grad, const scale_t* grad_output, int64_t n) {
+__global__ void __launch_bounds__(kThreads) scale_grad_kernel(scalar_t* grad, const scale_t* grad_output, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t g = static_cast<acc_t>(*grad_output);
   if (g == acc_t(1)) return;
@@ -33,7 +35,7 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
-  const int threads = 256;
+  const int threads = kThreads;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 16);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   KDFAST_DISPATCH_FLOATING(grad.scalar_type(), "scale_grad_cuda", [&] {

@@ -21,16 +21,22 @@
 #include <cooperative_groups.h>
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <atomic>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../softmax_kl.h"
+#include "../softmax_kl_plan.h"
 
 namespace kdfast {
 namespace {
-
-constexpr int kCacheBudget = 100 * 1024;  // shared-memory bytes a block may use to cache its row
-constexpr int kMaxCluster = 8;            // portable thread-block cluster size
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t exp2_(acc_t x) {
@@ -247,10 +253,70 @@ __device__ __forceinline__ void store_pack(scalar_t* ptr, int64_t j0, int n, con
   }
 }
 
+// The statistics pass of a block over classes [lo, hi) of a row, threads striding over
+// N-wide packs; with kCache the packs are also kept in shared memory (at j - lo). The
+// merged statistics are valid in thread 0.
+template <int N, bool kVec, bool kCache, typename scalar_t, typename acc_t>
+__device__ __forceinline__ RowAccum<acc_t> stats_pass(const Params<scalar_t, acc_t>& p, const scalar_t* sr,
+                                                      const scalar_t* tr, int64_t lo, int64_t hi, int64_t g,
+                                                      scalar_t* s_cache, scalar_t* t_cache) {
+  RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
+  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+    const int n = static_cast<int>(imin(N, hi - j0));
+    scalar_t rs[N], rt[N];
+    load_pack<N, kVec>(sr, j0, n, rs);
+    load_pack<N, kVec>(tr, j0, n, rt);
+    if (kCache) {
+      store_pack<N, kVec>(s_cache, j0 - lo, n, rs);
+      store_pack<N, kVec>(t_cache, j0 - lo, n, rt);
+    }
+    acc_t xs[N], xt[N];
+    to_acc(rs, j0, n, g, xs);
+    to_acc(rt, j0, n, g, xt);
+    acc.add(xs, xt, n, p.k, p.inv_T);
+  }
+  return block_merge(acc, p.k);
+}
+
+// The gradient pass of a block over classes [lo, hi): grad_j from the logits at
+// s_src[j - src_lo], t_src[j - src_lo] (the row itself, or the block's cache of it).
+template <int N, bool kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void grad_pass(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f,
+                                          const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
+                                          scalar_t* gr, int64_t lo, int64_t hi) {
+  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+    const int n = static_cast<int>(imin(N, hi - j0));
+    scalar_t rs[N], rt[N];
+    load_pack<N, kVec>(s_src, j0 - src_lo, n, rs);
+    load_pack<N, kVec>(t_src, j0 - src_lo, n, rt);
+    acc_t xs[N], xt[N];
+    to_acc(rs, j0, n, -1, xs);
+    to_acc(rt, j0, n, -1, xt);
+    scalar_t o[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value(f, xs[q], xt[q], j0 + q, p.k));
+    store_pack<N, kVec>(gr, j0, n, o);
+  }
+}
+
+// Thread 0 of a row's (first) block: the loss of an ignored row (0) or of a row with an
+// invalid label (NaN).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_skipped_row(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& status,
+                                                  int64_t out) {
+  p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// Most threads a block of these kernels is launched with (softmax_kl_max_threads).
+template <typename acc_t>
+constexpr int max_block_threads() {
+  return sizeof(acc_t) == 8 ? 512 : 1024;
+}
+
 // One block per row; classes contiguous. kCache: the row stays in shared memory between
 // the statistics pass and the gradient pass.
 template <typename scalar_t, typename acc_t, bool kVec, bool kCache>
-__global__ void softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1) softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
   constexpr int N = kVec ? 16 / sizeof(scalar_t) : 1;
   extern __shared__ __align__(16) unsigned char cache_bytes[];
   scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
@@ -262,57 +328,30 @@ __global__ void softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
     const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
     const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
     const int64_t out = a * p.r_sa + i * p.r_si;
-    RowFinish<acc_t> status = row_status(p, out);
+    const RowFinish<acc_t> status = row_status(p, out);
     if (status.state == 0) {
-      RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
-      for (int64_t j0 = int64_t(threadIdx.x) * N; j0 < p.V; j0 += int64_t(blockDim.x) * N) {
-        const int n = static_cast<int>(imin(N, p.V - j0));
-        scalar_t rs[N], rt[N];
-        load_pack<N, kVec>(sr, j0, n, rs);
-        load_pack<N, kVec>(tr, j0, n, rt);
-        if (kCache) {
-          store_pack<N, kVec>(s_cache, j0, n, rs);
-          store_pack<N, kVec>(t_cache, j0, n, rt);
-        }
-        acc_t xs[N], xt[N];
-        to_acc(rs, j0, n, status.g, xs);
-        to_acc(rt, j0, n, status.g, xt);
-        acc.add(xs, xt, n, p.k, p.inv_T);
-      }
-      acc = block_merge(acc, p.k);
+      const RowAccum<acc_t> acc = stats_pass<N, kVec, kCache>(p, sr, tr, 0, p.V, status.g, s_cache, t_cache);
       if (threadIdx.x == 0) shared_finish = finish(p, acc, status, sr, tr, out, true);
     } else if (threadIdx.x == 0) {
-      p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      write_skipped_row(p, status, out);
       shared_finish = status;
     }
     __syncthreads();
     const RowFinish<acc_t> f = shared_finish;
     if (p.grad != nullptr) {
-      scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
-      const scalar_t* s_src = kCache ? s_cache : sr;
-      const scalar_t* t_src = kCache ? t_cache : tr;
-      for (int64_t j0 = int64_t(threadIdx.x) * N; j0 < p.V; j0 += int64_t(blockDim.x) * N) {
-        const int n = static_cast<int>(imin(N, p.V - j0));
-        scalar_t rs[N], rt[N];
-        load_pack<N, kVec>(s_src, j0, n, rs);
-        load_pack<N, kVec>(t_src, j0, n, rt);
-        acc_t xs[N], xt[N];
-        to_acc(rs, j0, n, -1, xs);
-        to_acc(rt, j0, n, -1, xt);
-        scalar_t o[N];
-#pragma unroll
-        for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value(f, xs[q], xt[q], j0 + q, p.k));
-        store_pack<N, kVec>(gr, j0, n, o);
-      }
+      grad_pass<N, kVec>(p, f, kCache ? s_cache : sr, kCache ? t_cache : tr, 0, p.grad + a * p.g_sa + i * p.g_si, 0,
+                         p.V);
     }
     __syncthreads();  // shared_finish and the cache are rewritten by the next row
   }
 }
 
 // sm_90: a row split over a cluster of `cluster` blocks, each caching a slice of `slice`
-// classes (a multiple of the vector width) in shared memory.
+// classes (a multiple of the vector width) in shared memory; the blocks merge their
+// statistics through distributed shared memory.
 template <typename scalar_t, typename acc_t>
-__global__ void softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
+__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
+    softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int N = 16 / sizeof(scalar_t);
@@ -330,22 +369,9 @@ __global__ void softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t sli
   const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
   const int64_t out = a * p.r_sa + i * p.r_si;
   const int64_t lo = rank * slice, hi = imin(p.V, lo + slice);
-  RowFinish<acc_t> status = row_status(p, out);  // uniform over the cluster
+  const RowFinish<acc_t> status = row_status(p, out);  // uniform over the cluster
   if (status.state == 0) {
-    RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
-    for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
-      const int n = static_cast<int>(imin(N, hi - j0));
-      scalar_t rs[N], rt[N];
-      load_pack<N, true>(sr, j0, n, rs);
-      load_pack<N, true>(tr, j0, n, rt);
-      store_pack<N, true>(s_cache, j0 - lo, n, rs);
-      store_pack<N, true>(t_cache, j0 - lo, n, rt);
-      acc_t xs[N], xt[N];
-      to_acc(rs, j0, n, status.g, xs);
-      to_acc(rt, j0, n, status.g, xt);
-      acc.add(xs, xt, n, p.k, p.inv_T);
-    }
-    acc = block_merge(acc, p.k);
+    const RowAccum<acc_t> acc = stats_pass<N, true, true>(p, sr, tr, lo, hi, status.g, s_cache, t_cache);
     if (threadIdx.x == 0) block_stats = acc;
     cluster.sync();  // every block's statistics are visible to the cluster
     if (threadIdx.x == 0) {
@@ -355,32 +381,20 @@ __global__ void softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t sli
     }
     cluster.sync();  // no block leaves while another may still read its statistics
   } else if (threadIdx.x == 0) {
-    if (rank == 0) p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    if (rank == 0) write_skipped_row(p, status, out);
     shared_finish = status;
   }
   __syncthreads();
   const RowFinish<acc_t> f = shared_finish;
-  if (p.grad == nullptr) return;
-  scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
-  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
-    const int n = static_cast<int>(imin(N, hi - j0));
-    scalar_t rs[N], rt[N];
-    load_pack<N, true>(s_cache, j0 - lo, n, rs);
-    load_pack<N, true>(t_cache, j0 - lo, n, rt);
-    acc_t xs[N], xt[N];
-    to_acc(rs, j0, n, -1, xs);
-    to_acc(rt, j0, n, -1, xt);
-    scalar_t o[N];
-#pragma unroll
-    for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value(f, xs[q], xt[q], j0 + q, p.k));
-    store_pack<N, true>(gr, j0, n, o);
-  }
+  if (p.grad != nullptr) grad_pass<N, true>(p, f, s_cache, t_cache, lo, p.grad + a * p.g_sa + i * p.g_si, lo, hi);
 #endif
 }
 
+constexpr int kColumnsThreads = 256;
+
 // One thread per row; neighbouring threads take neighbouring rows (stride_i == 1).
 template <typename scalar_t, typename acc_t>
-__global__ void softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kColumnsThreads) softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.rows;
        r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t a = r / p.I, i = r % p.I;
@@ -397,7 +411,7 @@ __global__ void softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
       }
       f = finish(p, acc, f, sr, tr, out, true);
     } else {
-      p.row_loss[out] = f.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      write_skipped_row(p, f, out);
     }
     if (p.grad == nullptr) continue;
     scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
@@ -410,12 +424,79 @@ __global__ void softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Threads for a row of work_items: up to 1024, or 512 for double math (~70-80 registers
-// per thread there: 1024 threads would exceed the 64K registers of a block).
-int threads_for(int64_t work_items, int max_threads) {
-  int threads = 128;
-  while (threads < max_threads && threads * 4 < work_items) threads *= 2;
-  return threads;
+// Thread-block clusters allowed (turned off by softmax_kl_allow_clusters, or after a
+// cluster launch failed on this device).
+std::atomic<bool> g_allow_clusters{true};
+std::atomic<uint64_t> g_cluster_failed_devices{0};
+
+struct KernelLimits {
+  int64_t static_smem;   // cudaFuncAttributes::sharedSizeBytes
+  int64_t max_dynamic;   // the dynamic shared memory it may be given (its attribute is set to it)
+};
+
+// Once per kernel and device: the kernel's static shared memory, and its dynamic limit
+// raised to what the plan may ask for (static + dynamic within the opt-in limit).
+KernelLimits kernel_limits(const void* kernel, int device, int64_t smem_optin) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, KernelLimits> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find({kernel, device});
+  if (it != known.end()) return it->second;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const KernelLimits limits{static_cast<int64_t>(attributes.sharedSizeBytes),
+                            softmax_kl_dynamic_limit(smem_optin, attributes.sharedSizeBytes)};
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(limits.max_dynamic)));
+  known.emplace(std::make_pair(kernel, device), limits);
+  return limits;
+}
+
+struct DeviceInfo {
+  int device, major, smem_optin;
+};
+
+DeviceInfo device_info() {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  DeviceInfo info{device, 0, 0};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  known.emplace(device, info);
+  return info;
+}
+
+template <typename scalar_t, typename acc_t>
+SoftmaxKLLimits limits_for(const DeviceInfo& dev, bool vec) {
+  const void* cached = reinterpret_cast<const void*>(vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, true>
+                                                         : softmax_kl_rows_kernel<scalar_t, acc_t, false, true>);
+  const void* cluster = reinterpret_cast<const void*>(softmax_kl_cluster_kernel<scalar_t, acc_t>);
+  SoftmaxKLLimits d;
+  d.cc_major = dev.major;
+  d.smem_optin = dev.smem_optin;
+  d.rows_static_smem = kernel_limits(cached, dev.device, dev.smem_optin).static_smem;
+  d.clusters = dev.major >= 9 && g_allow_clusters.load() &&
+               !(g_cluster_failed_devices.load() >> (dev.device % 64) & 1);
+  d.cluster_static_smem = d.clusters ? kernel_limits(cluster, dev.device, dev.smem_optin).static_smem : 0;
+  return d;
+}
+
+// 16-byte loads: every row starts 16-byte aligned (the stride of a dim of extent 1 is
+// never used, e.g. the leading dim of a plain [N, V]).
+template <typename scalar_t>
+bool vectorizable(const ClassDimView& sv, const ClassDimView& tv, const ClassDimView* gv, const void* s,
+                  const void* t, const void* grad) {
+  constexpr int64_t N = 16 / sizeof(scalar_t);
+  const auto fits = [&](const ClassDimView& v) {
+    return (v.A == 1 || v.stride_a % N == 0) && (v.I == 1 || v.stride_i % N == 0);
+  };
+  return sv.V % N == 0 && fits(sv) && fits(tv) && aligned16(s) && aligned16(t) &&
+         (gv == nullptr || (fits(*gv) && aligned16(grad)));
 }
 
 template <typename scalar_t>
@@ -447,74 +528,93 @@ void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   if (pr.layout == KernelLayout::Columns) {
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((p.rows + threads - 1) / threads, 1 << 20);
-    softmax_kl_columns_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(p);
+    const int64_t blocks = std::min<int64_t>((p.rows + kColumnsThreads - 1) / kColumnsThreads, 1 << 20);
+    softmax_kl_columns_kernel<scalar_t, acc_t><<<blocks, kColumnsThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  constexpr int N = 16 / sizeof(scalar_t);
-  // 16-byte loads: every row starts 16-byte aligned (the stride of a dim of extent 1 is
-  // never used, e.g. the leading dim of a plain [N, V]).
-  const auto fits = [&](int64_t stride_a, int64_t stride_i) {
-    return (sv.A == 1 || stride_a % N == 0) && (sv.I == 1 || stride_i % N == 0);
-  };
-  const bool vec = p.V % N == 0 && fits(p.s_sa, p.s_si) && fits(p.t_sa, p.t_si) && aligned16(p.s) &&
-                   aligned16(p.t) && (p.grad == nullptr || (fits(p.g_sa, p.g_si) && aligned16(p.grad)));
-  const int64_t row_bytes = 2 * p.V * static_cast<int64_t>(sizeof(scalar_t));
+  const bool vec = vectorizable<scalar_t>(sv, tv, p.grad == nullptr ? nullptr : &gv, p.s, p.t, p.grad);
+  const DeviceInfo dev = device_info();
+  const SoftmaxKLPlan plan =
+      plan_softmax_kl_rows(p.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec, limits_for<scalar_t, acc_t>(dev, vec));
   const int64_t blocks = std::min<int64_t>(p.rows, int64_t(1) << 30);
-  const int max_threads = sizeof(acc_t) == 8 ? 512 : 1024;
-  const int threads = threads_for(vec ? p.V / N : p.V, max_threads);
 
-  // sm_90 and a row too large for one block's cache: split it over a cluster.
-  int device = 0, major = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (vec && row_bytes > kCacheBudget && major >= 9) {
-    int cluster = 2;
-    while (cluster < kMaxCluster && row_bytes > int64_t(cluster) * kCacheBudget) cluster *= 2;
-    int64_t slice = (p.V + cluster - 1) / cluster;
-    slice = (slice + N - 1) / N * N;
-    const size_t smem = 2 * slice * sizeof(scalar_t);
-    if (row_bytes <= int64_t(cluster) * kCacheBudget && smem + 1024 <= size_t(smem_optin)) {
-      auto kernel = softmax_kl_cluster_kernel<scalar_t, acc_t>;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(static_cast<unsigned>(p.rows * cluster));
-      config.blockDim = dim3(threads_for(slice / N, max_threads));
-      config.dynamicSmemBytes = smem;
-      config.stream = stream;
-      cudaLaunchAttribute attribute;
-      attribute.id = cudaLaunchAttributeClusterDimension;
-      attribute.val.clusterDim.x = cluster;
-      attribute.val.clusterDim.y = 1;
-      attribute.val.clusterDim.z = 1;
-      config.attrs = &attribute;
-      config.numAttrs = 1;
-      int active = 0;
-      if (p.rows * cluster < (int64_t(1) << 31) &&
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
-          cudaOccupancyMaxActiveClusters(&active, kernel, &config) == cudaSuccess && active > 0 &&
-          cudaLaunchKernelEx(&config, kernel, p, slice) == cudaSuccess) {
-        return;
-      }
-      (void)cudaGetLastError();  // clusters unavailable: the rows kernel below reads through L2
+  if (plan.path == SoftmaxKLPath::Cluster) {
+    auto kernel = softmax_kl_cluster_kernel<scalar_t, acc_t>;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(p.rows * plan.cluster));
+    config.blockDim = dim3(static_cast<unsigned>(plan.threads));
+    config.dynamicSmemBytes = plan.dynamic_smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(plan.cluster);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int active = 0;
+    if (p.rows * plan.cluster < (int64_t(1) << 31) &&
+        cudaOccupancyMaxActiveClusters(&active, kernel, &config) == cudaSuccess && active > 0 &&
+        cudaLaunchKernelEx(&config, kernel, p, plan.slice) == cudaSuccess) {
+      return;
     }
+    // Clusters unavailable here (e.g. a MIG slice): the rows kernel reads through L2, now
+    // and for the rest of the process on this device.
+    (void)cudaGetLastError();
+    if (p.rows * plan.cluster < (int64_t(1) << 31)) g_cluster_failed_devices.fetch_or(uint64_t(1) << (dev.device % 64));
   }
-  if (row_bytes <= kCacheBudget) {
+  if (plan.path == SoftmaxKLPath::RowsCached) {
     auto kernel = vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, true>
                       : softmax_kl_rows_kernel<scalar_t, acc_t, false, true>;
-    if (row_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, row_bytes));
-    }
-    kernel<<<blocks, threads, row_bytes, stream>>>(p);
+    kernel<<<blocks, plan.threads, plan.dynamic_smem, stream>>>(p);
   } else {
+    const int64_t threads = softmax_kl_threads(vec ? p.V / (16 / sizeof(scalar_t)) : p.V,
+                                               softmax_kl_max_threads(sizeof(acc_t) == 8));
     auto kernel = vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, false>
                       : softmax_kl_rows_kernel<scalar_t, acc_t, false, false>;
     kernel<<<blocks, threads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// The kernel path a call of softmax_kl with these inputs takes on the current device (the
+// same decision as launch): "columns", "rows-cached", "rows-uncached", "cluster-N", with
+// "-scalar" when the rows cannot be read in 16-byte vectors.
+std::string softmax_kl_path_cuda(const at::Tensor& s, const at::Tensor& t, int64_t dim, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  dim = dim < 0 ? dim + s.dim() : dim;
+  KDFAST_CHECK(s.sizes() == t.sizes() && dim >= 0 && dim < s.dim(), "softmax_kl_path: bad inputs");
+  // The views prepare_softmax_kl takes (a contiguous copy when s cannot be used as it is).
+  const at::Tensor meta = at::empty_like(s, s.options().device(at::kMeta));
+  ClassDimView sv = class_dim_view(s, dim);
+  KernelLayout layout = sv.stride_v == 1 ? KernelLayout::Rows : KernelLayout::Columns;
+  const bool copied = !fits_layout(sv, layout) || !fits_layout(class_dim_view(meta, dim), layout);
+  const at::Tensor layout_of_s = copied ? at::empty(s.sizes(), meta.options()) : s;
+  if (copied) {
+    sv = class_dim_view(layout_of_s, dim);
+    layout = sv.stride_v == 1 ? KernelLayout::Rows : KernelLayout::Columns;
+  }
+  if (layout == KernelLayout::Columns) return "columns";
+  const bool t_copied = !fits_layout(class_dim_view(t, dim), layout);
+  const ClassDimView tv = t_copied ? sv : class_dim_view(t, dim);
+  std::string name;
+  KDFAST_DISPATCH_FLOATING(s.scalar_type(), "softmax_kl_path", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Fresh allocations (copies, the gradient) are 16-byte aligned.
+    const bool vec = vectorizable<scalar_t>(sv, tv, compute_grad ? &sv : nullptr,
+                                            copied ? nullptr : s.const_data_ptr(),
+                                            t_copied ? nullptr : t.const_data_ptr(), nullptr);
+    const DeviceInfo dev = device_info();
+    const SoftmaxKLPlan plan =
+        plan_softmax_kl_rows(sv.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec, limits_for<scalar_t, acc_t>(dev, vec));
+    name = softmax_kl_path_name(plan, vec);
+  });
+  return name;
+}
+
+// Turns thread-block clusters on or off (tests of the fallback); returns the previous setting.
+bool softmax_kl_allow_clusters(bool allow) { return g_allow_clusters.exchange(allow); }
 
 std::tuple<at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at::Tensor& t,
                                                    const std::optional<at::Tensor>& target,
@@ -532,6 +632,15 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdfast_C, CUDA, m) { m.impl("softmax_kl", &softmax_kl_cuda); }
+TORCH_LIBRARY_IMPL(kdfast_C, CUDA, m) {
+  m.impl("softmax_kl", &softmax_kl_cuda);
+  m.impl("softmax_kl_path", &softmax_kl_path_cuda);
+}
+
+TORCH_LIBRARY_FRAGMENT(kdfast_C, m) {
+  // Thread-block clusters for the softmax-KL rows of sm_90 on (the default) or off, to test
+  // the rows kernel that runs where clusters cannot; returns the previous setting.
+  m.def("softmax_kl_allow_clusters(bool allow) -> bool", &softmax_kl_allow_clusters);
+}
 
 }  // namespace kdfast

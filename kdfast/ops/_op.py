@@ -103,9 +103,10 @@ class Kernels:
     def __repr__(self) -> str:
         return f"Kernels({self.family!r}: {', '.join(self.backends)})"
 
-    def backend(self, op: str, device: torch.device) -> str:
-        """The backend that runs ``op`` (the user-facing name, for errors) on ``device``."""
-        return select_backend(op, self.backends, device)
+    def backend(self, op: str, device: torch.device, check: Callable[[str], bool] | None = None) -> str:
+        """The backend that runs ``op`` (the user-facing name, for errors) on ``device``;
+        ``check``: verified first use of GPU kernels (kdfast/_verify.py ``first_use``)."""
+        return select_backend(op, self.backends, device, check)
 
     def __call__(self, name: str, backend: str) -> Callable:
         if backend == "triton":

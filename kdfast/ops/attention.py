@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _verify
 from .._dtypes import acc_dtype
 from ._op import Kernels, fused_op
 
@@ -104,11 +105,38 @@ def attention_transfer_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], p: 
             f_s, f_t = f_s.to(common), f_t.to(common)
         groups.setdefault((f_s.device, f_s.dtype), []).append((f_s, f_t))
     total = None
-    for (device, _), group in groups.items():
-        backend = KERNELS.backend(op, device)
+    for (device, dtype), group in groups.items():
+        backend = KERNELS.backend(op, device, _verify.first_use(
+            "attention", op, device, dtype, lambda b: kernel_path(b, group, p), lambda: _slice(group, p, op)))
         if backend == "torch":
             loss = sum(attention_transfer_ref(f_s, f_t, p) for f_s, f_t in group)
         else:
             loss, _ = attention_transfer([s for s, _ in group], [t for _, t in group], float(p), backend)
         total = loss if total is None else total + loss
     return total
+
+
+_CUDA_PATHS: dict[tuple, str] = {}
+
+
+def kernel_path(backend: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], p: float) -> str:
+    """The kernel path a call takes on a GPU backend (the key of verified first use)."""
+    f_s, f_t = [s for s, _ in pairs], [t for _, t in pairs]
+    if backend == "triton":
+        from ..triton.attention import kernel_path as triton_path
+        return triton_path(f_s, f_t, p)
+    key = (float(p), *((f.shape, f.stride(), f.data_ptr() % 16) for f in (*f_s, *f_t)))
+    path = _CUDA_PATHS.get(key)
+    if path is None:
+        if len(_CUDA_PATHS) > 4096:
+            _CUDA_PATHS.clear()
+        path = _CUDA_PATHS[key] = torch.ops.kdfast_C.attention_path(f_s, f_t, float(p))
+    return path
+
+
+def _slice(pairs: list[tuple[torch.Tensor, torch.Tensor]], p: float, op: str) -> _verify.Slice:
+    """The call on the first samples of every pair (channels, positions and layouts kept),
+    for verified first use."""
+    n, k = len(pairs), _verify.SAMPLES
+    inputs = [s[:k] for s, _ in pairs] + [t[:k] for _, t in pairs]
+    return _verify.Slice(lambda *maps: attention_transfer_pairs(list(zip(maps[:n], maps[n:])), p, op), inputs, n)

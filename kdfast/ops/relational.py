@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _verify
 from .._dtypes import acc_dtype
 from ._op import Kernels, fused_op, needs_grad
 from ._saved_grad import scale_saved_grad
@@ -314,10 +315,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def _backend_for(op, e_s, e_t, path, call):
+    """The backend for a call (auto's first use of a GPU kernel path is verified on the first
+    samples of the batch)."""
+    k = _verify.RELATIONAL_SAMPLES
+    return KERNELS.backend(op, e_s.device, _verify.first_use("relational", op, e_s.device, e_s.dtype, lambda _: path,
+                                                             lambda: _verify.Slice(call, [e_s[:k], e_t[:k]], 1)))
+
+
 def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
     """Weighted RKD distance + angle from one Gram matrix per model."""
     e_t = e_t.detach()
-    backend = KERNELS.backend(op, e_s.device)
+    path = "+".join(name for name, w in (("distance", dist_weight), ("angle", angle_weight)) if w) or "none"
+    backend = _backend_for(op, e_s, e_t, path, lambda s, t: rkd_loss(s, t, dist_weight, angle_weight, op))
     if backend == "torch":
         return rkd_ref(e_s, e_t, dist_weight, angle_weight)
     return rkd(_flat(e_s), _flat(e_t), float(dist_weight), float(angle_weight), needs_grad(e_s), backend)[0]
@@ -325,7 +335,7 @@ def rkd_loss(e_s, e_t, dist_weight=25.0, angle_weight=50.0, op="rkd"):
 
 def pkt_loss(e_s, e_t, eps=1e-7):
     e_t = e_t.detach()
-    backend = KERNELS.backend("pkt", e_s.device)
+    backend = _backend_for("pkt", e_s, e_t, "gram", lambda s, t: pkt_loss(s, t, eps))
     if backend == "torch":
         return pkt_ref(e_s, e_t, eps)
     return pkt(_flat(e_s), _flat(e_t), float(eps), needs_grad(e_s), backend)[0]
@@ -333,7 +343,8 @@ def pkt_loss(e_s, e_t, eps=1e-7):
 
 def similarity_preserving_loss(f_s, f_t, p=2):
     f_t = f_t.detach()
-    backend = KERNELS.backend("similarity_preserving", f_s.device)
+    path = {1: "p1", 2: "p2"}.get(p, "p")
+    backend = _backend_for("similarity_preserving", f_s, f_t, path, lambda s, t: similarity_preserving_loss(s, t, p))
     if backend == "torch" or not math.isfinite(p):  # the kernels take a finite p
         return similarity_preserving_ref(f_s, f_t, p)
     return similarity_preserving(_flat(f_s), _flat(f_t), float(p), needs_grad(f_s), backend)[0]

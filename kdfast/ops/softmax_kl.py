@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import _verify
 from .._dtypes import acc_dtype
 from ._op import Kernels, fused_op, needs_grad
 from ._reduction import reduce_rows, reduction_divisor
@@ -369,7 +370,12 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100, 
         s, t = s.to(common), t.to(common)
     dim = dim % s.dim()
     divisor = _divisor_tensor(divisor, s.device)
-    backend = (KERNELS if divergence == "forward_kl" else DIVERGENCE_KERNELS).backend(op, s.device)
+    kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, divergence=divergence, jsd_beta=jsd_beta,
+              decoupled=decoupled, alpha=alpha, beta=beta, normalize=normalize, weight=weight, divisor=divisor, op=op)
+    kernels = KERNELS if divergence == "forward_kl" else DIVERGENCE_KERNELS
+    backend = kernels.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
+                                                              lambda b: kernel_path(b, s, t, dim),
+                                                              lambda: _slice(s, t, target, dim, kw)))
     if backend == "torch":
         return softmax_kl_ref(s, t, target, dim, T, ignore_index, decoupled, alpha, beta, normalize, reduction,
                               divergence, jsd_beta, weight, divisor)
@@ -385,7 +391,12 @@ def softmax_kl_topk_loss(s, indices, logprobs, *, T, reduction, dim, target=None
     indices, logprobs = indices.detach(), logprobs.detach()
     dim = dim % s.dim()
     divisor = _divisor_tensor(divisor, s.device)
-    backend = TOPK_KERNELS.backend(op, s.device)
+    kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, divergence=divergence, jsd_beta=jsd_beta,
+              tail=tail, weight=weight, divisor=divisor, op=op)
+    backend = TOPK_KERNELS.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
+                                                                   lambda b: topk_kernel_path(b, tail),
+                                                                   lambda: _topk_slice(s, indices, logprobs, target,
+                                                                                       dim, kw)))
     if backend == "torch":
         return softmax_kl_topk_ref(s, indices, logprobs, target, dim, T, ignore_index, divergence, jsd_beta, tail,
                                    reduction, weight, divisor)
@@ -393,3 +404,49 @@ def softmax_kl_topk_loss(s, indices, logprobs, *, T, reduction, dim, target=None
                               float(jsd_beta), tail == "renormalize", reduction, float(weight), divisor,
                               needs_grad(s), backend)
     return loss
+
+
+_CUDA_PATHS: dict[tuple, str] = {}
+
+
+def kernel_path(backend: str, s: torch.Tensor, t: torch.Tensor, dim: int) -> str:
+    """The kernel path a call takes on a GPU backend (the key of verified first use)."""
+    if backend == "triton":
+        from ..triton.softmax_kl import kernel_path as triton_path
+        return triton_path(s, dim)
+    key = (s.shape, s.stride(), t.stride(), s.dtype, s.device, dim, s.data_ptr() % 16, t.data_ptr() % 16)
+    path = _CUDA_PATHS.get(key)
+    if path is None:
+        if len(_CUDA_PATHS) > 4096:
+            _CUDA_PATHS.clear()
+        path = _CUDA_PATHS[key] = torch.ops.kdfast_C.softmax_kl_path(s, t, dim, True)
+    return path
+
+
+def _slice(s, t, target, dim, kw) -> _verify.Slice:
+    """The call on at most ROWS x ROWS rows of the logits seen as [A, V, I] (the class dim
+    and its layout kept), for verified first use."""
+    A, V, I = math.prod(s.shape[:dim]), s.shape[dim], math.prod(s.shape[dim + 1:])
+    k = _verify.ROWS
+    inputs = [s.reshape(A, V, I)[:k, :, :k], t.reshape(A, V, I)[:k, :, :k]]
+    if target is not None:
+        inputs.append(target.reshape(A, I)[:k, :k])
+    return _verify.Slice(lambda s, t, target=None: softmax_kl_loss(s, t, target=target, dim=1, **kw), inputs, 1)
+
+
+def topk_kernel_path(backend: str, tail: str) -> str:
+    """The kernel path of a sparse-teacher call (the key of verified first use)."""
+    return f"topk-{tail}"
+
+
+def _topk_slice(s, indices, logprobs, target, dim, kw) -> _verify.Slice:
+    """The sparse-teacher call on at most ROWS x ROWS rows, for verified first use."""
+    A, V, I = math.prod(s.shape[:dim]), s.shape[dim], math.prod(s.shape[dim + 1:])
+    k, r = indices.shape[dim], _verify.ROWS
+    inputs = [s.reshape(A, V, I)[:r, :, :r], indices.reshape(A, k, I)[:r, :, :r], logprobs.reshape(A, k, I)[:r, :, :r]]
+    if target is not None:
+        inputs.append(target.reshape(A, I)[:r, :r])
+
+    def call(s, indices, logprobs, target=None):
+        return softmax_kl_topk_loss(s, indices, logprobs, target=target, dim=1, **kw)
+    return _verify.Slice(call, inputs, 1)

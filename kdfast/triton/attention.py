@@ -4,7 +4,8 @@ Per layer pair, forward: one kernel per map for the channel means ``r = mean_c f
 (a program takes one sample and BLOCK_X positions and walks the channels in tiles of
 BLOCK_C), then one program per sample for the loss and ``w = d loss / d r_s`` (three
 sweeps over the sample's X means, which stay in cache). Backward: one kernel writing
-``grad = grad_loss · (p / C) · w[b, x] · f^(p-1)`` with a single read of f_s. Any strides:
+``grad = grad_loss · (p / C) · w[b, x] · f^(p-1)`` with a single read of f_s. Every grid
+is one axis (a GPU runs at most 65535 programs on axes 1 and 2). Any strides:
 positions are addressed as ``(x // X2)·sx1 + (x % X2)·sx2``, which is ``x·sx2`` when the
 spatial dims merge into one run (NCHW and channels_last alike).
 """
@@ -16,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_inputs_device
-
 from .._dtypes import acc_dtype
+from . import on_inputs_device
+from ._args import fp32_halves, join_halves
 
 _EPS = tl.constexpr(1e-12)  # F.normalize's default (made in ACC: an fp32 literal is not 1e-12)
 
@@ -38,7 +39,7 @@ def _power(f, e_hi, e_lo, e_int, e_odd, MODE: tl.constexpr):
         by_product = tl.full(f.shape, 1.0, f.dtype)
         for _ in range(e_int):  # (no iteration for e_int < 0)
             by_product = by_product * f
-        e = tl.cast(e_hi, f.dtype) + tl.cast(e_lo, f.dtype)
+        e = join_halves(e_hi, e_lo, f.dtype)
         mag = tl.exp2(e * tl.log2(tl.abs(f)))
         signed = tl.where((f < 0.0) & (e_odd != 0), -mag, mag)
         real = tl.where((f < 0.0) & (e_int == -1), float("nan"), signed)  # -1: not an integer
@@ -51,8 +52,10 @@ def _channel_mean_kernel(
     SPLIT_X: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_X: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    xs = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
+    x_blocks = tl.cdiv(X, BLOCK_X)
+    pid = tl.program_id(0)  # (sample, tile of positions), all on axis 0: axis 1 holds at most 65535
+    b = (pid // x_blocks).to(tl.int64)
+    xs = (pid % x_blocks) * BLOCK_X + tl.arange(0, BLOCK_X)
     x_ok = xs < X
     xs64 = xs.to(tl.int64)
     if SPLIT_X:
@@ -117,10 +120,12 @@ def _grad_kernel(
     BLOCK_X: tl.constexpr,
 ):
     x_blocks = tl.cdiv(X, BLOCK_X)
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    xs = (pid % x_blocks) * BLOCK_X + tl.arange(0, BLOCK_X)
-    cs = (pid // x_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tiles = x_blocks * tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)  # (sample, tile), all on axis 0: axis 1 holds at most 65535
+    b = (pid // tiles).to(tl.int64)
+    tile = pid % tiles
+    xs = (tile % x_blocks) * BLOCK_X + tl.arange(0, BLOCK_X)
+    cs = (tile // x_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     x_ok = xs < X
     mask = (cs < C)[:, None] & x_ok[None, :]
     xs64 = xs.to(tl.int64)
@@ -131,18 +136,12 @@ def _grad_kernel(
     else:
         fx = xs64 * f_sx2
         gx = xs64 * g_sx2
-    p = tl.cast(p_hi, ACC) + tl.cast(p_lo, ACC)
+    p = join_halves(p_hi, p_lo, ACC)
     k = tl.load(go_ptr).to(ACC) * p / tl.cast(C, ACC)
     w = tl.load(w_ptr + b * X + xs64, mask=x_ok, other=0.0) * k
     f = tl.load(f_ptr + b * f_sb + cs64[:, None] * f_sc + fx[None, :], mask=mask, other=0.0).to(ACC)
     grad = w[None, :] * _power(f, pm1_hi, pm1_lo, pm1_int, pm1_odd, MODE)
     tl.store(g_ptr + b * g_sb + cs64[:, None] * g_sc + gx[None, :], grad.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-def _fp32_halves(x: float) -> tuple[float, float]:
-    """x as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
 def _power_args(e: float) -> tuple[float, float, int, int, int]:
@@ -153,7 +152,7 @@ def _power_args(e: float) -> tuple[float, float, int, int, int]:
         odd = int(e) % 2
     else:
         e_int, odd = -1, 0
-    return (*_fp32_halves(e), e_int, odd, mode)
+    return (*fp32_halves(e), e_int, odd, mode)
 
 
 def feature_view(f: torch.Tensor):
@@ -192,6 +191,17 @@ def _blocks(v) -> tuple[int, int, int]:
     return 16, 256, 4
 
 
+def kernel_path(f_s: list[torch.Tensor], f_t: list[torch.Tensor], p: float) -> str:
+    """The kernel variants a call runs: the tiles (BLOCK_C x BLOCK_X, "split" for positions
+    in two runs) of every map, and the power's mode, e.g. "16x256+64x32-split/p2"."""
+    tiles = set()
+    for f in (*f_s, *f_t):
+        v = feature_view(f) or feature_view(torch.empty(f.shape, device="meta"))  # (a copy's, if none)
+        block_c, block_x, _ = _blocks(v)
+        tiles.add(f"{block_c}x{block_x}" + ("-split" if v[3] != v[2] else ""))
+    return "+".join(sorted(tiles)) + {1: "/p1", 2: "/p2"}.get(_power_args(p)[-1], "/p")
+
+
 def _acc(dtype):
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
@@ -202,7 +212,7 @@ def _channel_means(f: torch.Tensor, p: float) -> torch.Tensor:
     out = torch.empty(B, X, dtype=acc_dtype(f.dtype), device=f.device)
     block_c, block_x, warps = _blocks(v)
     *p_args, mode = _power_args(p)
-    _channel_mean_kernel[(triton.cdiv(X, block_x), B)](
+    _channel_mean_kernel[(triton.cdiv(X, block_x) * B,)](
         f, out, C, X, X2, s_b, s_c, s_x1, s_x2, *p_args,
         SPLIT_X=X2 != X, MODE=mode, ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x, num_warps=warps)
     return out
@@ -237,11 +247,11 @@ def attention_transfer_backward_triton(grad_loss: torch.Tensor, f_s: list[torch.
         B, C, X, f_X2, f_sb, f_sc, f_sx1, f_sx2 = v
         _, _, _, g_X2, g_sb, g_sc, g_sx1, g_sx2 = vg
         block_c, block_x, warps = _blocks(v)
-        grid = (triton.cdiv(X, block_x) * triton.cdiv(C, block_c), B)
+        grid = (triton.cdiv(X, block_x) * triton.cdiv(C, block_c) * B,)
         *pm1_args, mode = _power_args(p - 1)
         _grad_kernel[grid](
             f, out, w.contiguous(), go, C, X, f_X2, g_X2,
-            f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, *_fp32_halves(p), *pm1_args,
+            f_sb, f_sc, f_sx1, f_sx2, g_sb, g_sc, g_sx1, g_sx2, *fp32_halves(p), *pm1_args,
             SPLIT_X=f_X2 != X or g_X2 != X, MODE=mode, ACC=_acc(f.dtype), BLOCK_C=block_c, BLOCK_X=block_x,
             num_warps=warps)
         if out is not grad:

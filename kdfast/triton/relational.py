@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import on_inputs_device
+from ._args import fp32_halves, join_halves
 
 # Compiled Triton reads module globals only as constexpr.
 MIN_SQUARED = tl.constexpr(1e-12)  # pdist's clamp
@@ -34,10 +35,11 @@ def _smooth_l1_grad(x):
 
 
 @triton.jit
-def _rkd_pairs(G, D2, U, BETA, ROW_SUM, B, tol, BLOCK: tl.constexpr):
+def _rkd_pairs(G, D2, U, BETA, ROW_SUM, B, tol_hi, tol_lo, BLOCK: tl.constexpr):
     """Row i of the pair values: kept squared distance, u = 1/|x_j - x_i|, beta."""
     i = tl.program_id(0).to(tl.int64)
     g_ii = tl.load(G + i * B + i)
+    tol = join_halves(tol_hi, tol_lo, g_ii.dtype)
     total = tl.zeros([BLOCK], g_ii.dtype)
     for j0 in range(0, B, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
@@ -216,7 +218,7 @@ def rkd_gram(g_s, g_t, dist_weight, angle_weight, tol, compute_grad):
     for g in (g_s, g_t):
         d2, u, beta = (torch.empty_like(g) for _ in range(3))
         row_sum = g.new_empty(B)
-        _rkd_pairs[(B,)](g, d2, u, beta, row_sum, B, float(tol), BLOCK=block)
+        _rkd_pairs[(B,)](g, d2, u, beta, row_sum, B, *fp32_halves(tol), BLOCK=block)
         sides.append((d2, u, beta, row_sum.sum() / (B * (B - 1))))
     (d2s, us, bs, mu_s), (d2t, ut, bt, mu_t) = sides
     with_distance, with_angle = dist_weight != 0, angle_weight != 0
@@ -262,69 +264,75 @@ def _pkt_kernel(g_ij, c_i, c_j):
 
 
 @triton.jit
-def _pkt_rows(GS, GT, ROWS, B, eps, BLOCK: tl.constexpr):
-    """Row i: r_s, r_t (row sums of K), sigma_i (times B²) and the loss row."""
+def _pkt_rows(GS, GT, PS, PT, ROWS, B, eps_hi, eps_lo, BLOCK: tl.constexpr):
+    """Row i: the probabilities P_s, P_t (computed once here, kept for the gradient), r_s
+    (the row sum of K_s), sigma_i (times B²) and the loss row."""
     i = tl.program_id(0).to(tl.int64)
-    cs_i = _pkt_inv_norm(tl.load(GS + i * B + i), eps)
+    g_ii = tl.load(GS + i * B + i)
+    eps = join_halves(eps_hi, eps_lo, g_ii.dtype)
+    cs_i = _pkt_inv_norm(g_ii, eps)
     ct_i = _pkt_inv_norm(tl.load(GT + i * B + i), eps)
-    sum_s = tl.zeros([BLOCK], cs_i.dtype)
-    sum_t = tl.zeros([BLOCK], cs_i.dtype)
-    for j0 in range(0, B, BLOCK):
+    sum_s = tl.zeros([BLOCK], g_ii.dtype)
+    sum_t = tl.zeros([BLOCK], g_ii.dtype)
+    for j0 in range(0, B, BLOCK):  # K, stored unnormalised, and its row sums
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         cs_j = _pkt_inv_norm(tl.load(GS + j * B + j, mask=valid, other=1.0), eps)
         ct_j = _pkt_inv_norm(tl.load(GT + j * B + j, mask=valid, other=1.0), eps)
-        sum_s += tl.where(valid, _pkt_kernel(tl.load(GS + i * B + j, mask=valid, other=0.0), cs_i, cs_j), 0.0)
-        sum_t += tl.where(valid, _pkt_kernel(tl.load(GT + i * B + j, mask=valid, other=0.0), ct_i, ct_j), 0.0)
+        k_s = tl.where(valid, _pkt_kernel(tl.load(GS + i * B + j, mask=valid, other=0.0), cs_i, cs_j), 0.0)
+        k_t = tl.where(valid, _pkt_kernel(tl.load(GT + i * B + j, mask=valid, other=0.0), ct_i, ct_j), 0.0)
+        tl.store(PS + i * B + j, k_s, mask=valid)
+        tl.store(PT + i * B + j, k_t, mask=valid)
+        sum_s += k_s
+        sum_t += k_t
     r_s = tl.sum(sum_s, 0)
     r_t = tl.sum(sum_t, 0)
-    loss = tl.zeros([BLOCK], cs_i.dtype)
-    sigma = tl.zeros([BLOCK], cs_i.dtype)
-    for j0 in range(0, B, BLOCK):
+    tl.debug_barrier()  # the row of K written above is read back below
+    loss = tl.zeros([BLOCK], g_ii.dtype)
+    sigma = tl.zeros([BLOCK], g_ii.dtype)
+    for j0 in range(0, B, BLOCK):  # P = K / r, the loss and sigma
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
-        cs_j = _pkt_inv_norm(tl.load(GS + j * B + j, mask=valid, other=1.0), eps)
-        ct_j = _pkt_inv_norm(tl.load(GT + j * B + j, mask=valid, other=1.0), eps)
-        ps = _pkt_kernel(tl.load(GS + i * B + j, mask=valid, other=0.0), cs_i, cs_j) / r_s
-        pt = _pkt_kernel(tl.load(GT + i * B + j, mask=valid, other=0.0), ct_i, ct_j) / r_t
+        ps = tl.load(PS + i * B + j, mask=valid, other=0.0) / r_s
+        pt = tl.load(PT + i * B + j, mask=valid, other=0.0) / r_t
+        tl.store(PS + i * B + j, ps, mask=valid)
+        tl.store(PT + i * B + j, pt, mask=valid)
         loss += tl.where(valid, pt * tl.log((pt + eps) / (ps + eps)), 0.0)
         sigma -= tl.where(valid, pt / (ps + eps) * ps, 0.0)
     tl.store(ROWS + i, r_s)
-    tl.store(ROWS + B + i, r_t)
-    tl.store(ROWS + 2 * B + i, tl.sum(sigma, 0))
-    tl.store(ROWS + 3 * B + i, tl.sum(loss, 0))
+    tl.store(ROWS + B + i, tl.sum(sigma, 0))
+    tl.store(ROWS + 2 * B + i, tl.sum(loss, 0))
 
 
 @triton.jit
-def _pkt_kappa(GS, GT, ROWS, row, col, valid, c_row, c_col, ct_row, ct_col, B, eps):
-    """kappa = dL/dK at (row, col) (times B²), from the row's sums (one of row, col is a
-    scalar, the other a block)."""
+def _pkt_kappa(PS, PT, ROWS, row, col, valid, B, eps):
+    """kappa = dL/dK at (row, col) (times B²) from the stored probabilities and the row's
+    sums (one of row, col is a scalar, the other a block)."""
     idx = row * B + col
     row = idx // B
     r_s = tl.load(ROWS + row, mask=valid, other=1.0)
-    r_t = tl.load(ROWS + B + row, mask=valid, other=1.0)
-    sigma = tl.load(ROWS + 2 * B + row, mask=valid, other=0.0)
-    ps = _pkt_kernel(tl.load(GS + idx, mask=valid, other=0.0), c_row, c_col) / r_s
-    pt = _pkt_kernel(tl.load(GT + idx, mask=valid, other=0.0), ct_row, ct_col) / r_t
+    sigma = tl.load(ROWS + B + row, mask=valid, other=0.0)
+    ps = tl.load(PS + idx, mask=valid, other=0.0)
+    pt = tl.load(PT + idx, mask=valid, other=0.0)
     return (-pt / (ps + eps) - sigma) / r_s
 
 
 @triton.jit
-def _pkt_grad(GS, GT, ROWS, S, B, eps, inv_b2, BLOCK: tl.constexpr):
+def _pkt_grad(GS, PS, PT, ROWS, S, B, eps_hi, eps_lo, BLOCK: tl.constexpr):
     """Row i of S = m_ij c_i c_j, plus the norm's term on the diagonal."""
     i = tl.program_id(0).to(tl.int64)
     g_ii = tl.load(GS + i * B + i)
+    eps = join_halves(eps_hi, eps_lo, g_ii.dtype)
+    inv_b2 = 1.0 / (tl.cast(B, g_ii.dtype) * tl.cast(B, g_ii.dtype))
     cs_i = _pkt_inv_norm(g_ii, eps)
-    ct_i = _pkt_inv_norm(tl.load(GT + i * B + i), eps)
     lam = tl.zeros([BLOCK], g_ii.dtype)
     diagonal = tl.zeros([BLOCK], g_ii.dtype)
     for j0 in range(0, B, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
         cs_j = _pkt_inv_norm(tl.load(GS + j * B + j, mask=valid, other=1.0), eps)
-        ct_j = _pkt_inv_norm(tl.load(GT + j * B + j, mask=valid, other=1.0), eps)
-        m = 0.5 * inv_b2 * (_pkt_kappa(GS, GT, ROWS, i, j, valid, cs_i, cs_j, ct_i, ct_j, B, eps)
-                            + _pkt_kappa(GS, GT, ROWS, j, i, valid, cs_j, cs_i, ct_j, ct_i, B, eps))
+        m = 0.5 * inv_b2 * (_pkt_kappa(PS, PT, ROWS, i, j, valid, B, eps)
+                            + _pkt_kappa(PS, PT, ROWS, j, i, valid, B, eps))
         value = m * cs_i * cs_j
         tl.store(S + i * B + j, value, mask=valid & (j != i))
         diagonal += tl.where(j == i, value, 0.0)
@@ -342,13 +350,14 @@ def pkt_gram(g_s, g_t, eps, compute_grad):
     B = g_s.shape[0]
     g_s, g_t = g_s.contiguous(), g_t.contiguous()
     block = _row_block(B)
-    rows = g_s.new_empty(4, B)  # r_s, r_t, sigma (times B²), loss rows
-    _pkt_rows[(B,)](g_s, g_t, rows, B, float(eps), BLOCK=block)
-    loss = rows[3].sum() / (B * B)
+    p_s, p_t = torch.empty_like(g_s), torch.empty_like(g_s)
+    rows = g_s.new_empty(3, B)  # r_s, sigma (times B²), loss rows
+    _pkt_rows[(B,)](g_s, g_t, p_s, p_t, rows, B, *fp32_halves(eps), BLOCK=block)
+    loss = rows[2].sum() / (B * B)
     if not compute_grad:
         return loss, g_s.new_empty(0)
     S = torch.empty_like(g_s)
-    _pkt_grad[(B,)](g_s, g_t, rows, S, B, float(eps), 1.0 / (B * B), BLOCK=block)
+    _pkt_grad[(B,)](g_s, p_s, p_t, rows, S, B, *fp32_halves(eps), BLOCK=block)
     return loss, S
 
 
@@ -378,10 +387,11 @@ def _signed_pow_grad(x, p, P_MODE: tl.constexpr):
 
 
 @triton.jit
-def _similarity_rows(GS, GT, ROWS, B, p, BLOCK: tl.constexpr, P_MODE: tl.constexpr):
+def _similarity_rows(GS, GT, ROWS, B, p_hi, p_lo, BLOCK: tl.constexpr, P_MODE: tl.constexpr):
     """Row i: the p-norms of the student and teacher rows, sigma_i (times B²/2), loss row."""
     i = tl.program_id(0).to(tl.int64)
     first = tl.load(GS + i * B)
+    p = join_halves(p_hi, p_lo, first.dtype)
     sum_s = tl.zeros([BLOCK], first.dtype)
     sum_t = tl.zeros([BLOCK], first.dtype)
     for j0 in range(0, B, BLOCK):
@@ -434,8 +444,11 @@ def _similarity_pair_grad(GS, GT, ROWS, row, col, valid, B, p, two_inv_b2, P_MOD
 
 
 @triton.jit
-def _similarity_grad(GS, GT, ROWS, S, B, p, two_inv_b2, BLOCK: tl.constexpr, P_MODE: tl.constexpr):
+def _similarity_grad(GS, GT, ROWS, S, B, p_hi, p_lo, BLOCK: tl.constexpr, P_MODE: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
+    acc = tl.load(ROWS).dtype
+    p = join_halves(p_hi, p_lo, acc)
+    two_inv_b2 = 2.0 / (tl.cast(B, acc) * tl.cast(B, acc))
     for j0 in range(0, B, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         valid = j < B
@@ -452,10 +465,10 @@ def similarity_gram(g_s, g_t, p, compute_grad):
     block = _row_block(B)
     p_mode = 2 if p == 2 else (1 if p == 1 else 0)
     rows = g_s.new_empty(4, B)  # norms of student and teacher rows, sigma (times B²/2), loss rows
-    _similarity_rows[(B,)](g_s, g_t, rows, B, float(p), BLOCK=block, P_MODE=p_mode)
+    _similarity_rows[(B,)](g_s, g_t, rows, B, *fp32_halves(p), BLOCK=block, P_MODE=p_mode)
     loss = rows[3].sum() / (B * B)
     if not compute_grad:
         return loss, g_s.new_empty(0)
     S = torch.empty_like(g_s)
-    _similarity_grad[(B,)](g_s, g_t, rows, S, B, float(p), 2.0 / (B * B), BLOCK=block, P_MODE=p_mode)
+    _similarity_grad[(B,)](g_s, g_t, rows, S, B, *fp32_halves(p), BLOCK=block, P_MODE=p_mode)
     return loss, S

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_inputs_device
-
 from .._dtypes import acc_dtype
+from . import on_inputs_device
+from ._args import fp32_halves, join_halves
 
 
 @triton.jit
@@ -50,9 +50,9 @@ def _softmax_kl_kernel(
     i_idx = rows % I
     s_row = a_idx * s_sa + i_idx * s_si
     t_row = a_idx * t_sa + i_idx * t_si
-    T = tl.cast(T_hi, ACC) + tl.cast(T_lo, ACC)  # float args are fp32 on GPU: two halves keep fp64
-    alpha = tl.cast(alpha_hi, ACC) + tl.cast(alpha_lo, ACC)
-    beta = tl.cast(beta_hi, ACC) + tl.cast(beta_lo, ACC)
+    T = join_halves(T_hi, T_lo, ACC)  # float args are fp32 on a GPU: two halves keep fp64
+    alpha = join_halves(alpha_hi, alpha_lo, ACC)
+    beta = join_halves(beta_hi, beta_lo, ACC)
     inv_T = 1.0 / T
     neg_inf = float("-inf")
 
@@ -149,17 +149,29 @@ def _softmax_kl_kernel(
                      out.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _fp32_halves(x: float) -> tuple[float, float]:
-    """x as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
-
-
 def _as_avi(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x as [A, V, I] around its class dim (a view when the strides allow)."""
     A = math.prod(x.shape[:dim])
     I = math.prod(x.shape[dim + 1:])
     return x.reshape(A, x.shape[dim], I)
+
+
+def _tiles(s3: torch.Tensor, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) for logits seen as [A, V, I]."""
+    A, V, I = s3.shape
+    # Neighbouring rows contiguous with each other and classes strided: many rows a program.
+    if (s3.stride(2) if I > 1 else s3.stride(0)) == 1 and s3.stride(1) != 1:
+        return 64, 16, 4
+    # tile widths in a few steps only: each is a compiled variant
+    block_v = min(max(triton.next_power_of_2(V), 512), 4096 if element_size >= 4 else 8192)
+    return 1, block_v, 16 if block_v >= 4096 else 4
+
+
+def kernel_path(s: torch.Tensor, dim: int) -> str:
+    """The kernel variant softmax_kl_triton runs for these logits: "columns" (many rows a
+    program) or "rows-<BLOCK_V>"."""
+    block_r, block_v, _ = _tiles(_as_avi(s, dim), s.element_size())
+    return "columns" if block_r > 1 else f"rows-{block_v}"
 
 
 @on_inputs_device
@@ -186,14 +198,7 @@ def softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, de
         grad = s.new_empty(0)
         g3 = s3
     target_rows = target.reshape(-1) if target is not None else row_loss  # unused without a target
-    # Neighbouring rows contiguous with each other and classes strided: many rows a program.
-    rows_contiguous = (s3.stride(2) if I > 1 else s3.stride(0)) == 1 and s3.stride(1) != 1
-    if rows_contiguous:
-        block_r, block_v, warps = 64, 16, 4
-    else:  # tile widths in a few steps only: each is a compiled variant
-        block_r = 1
-        block_v = min(max(triton.next_power_of_2(V), 512), 4096 if s.element_size() >= 4 else 8192)
-        warps = 16 if block_v >= 4096 else 4
+    block_r, block_v, warps = _tiles(s3, s.element_size())
     grid = (triton.cdiv(n_rows, block_r),)
     _softmax_kl_kernel[grid](
         s3, t3, g3, target_rows, row_loss, scale,
@@ -201,7 +206,7 @@ def softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, de
         s3.stride(0), s3.stride(1), s3.stride(2),
         t3.stride(0), t3.stride(1), t3.stride(2),
         g3.stride(0), g3.stride(1), g3.stride(2),
-        *_fp32_halves(T), *_fp32_halves(alpha), *_fp32_halves(beta), int(ignore_index),
+        *fp32_halves(T), *fp32_halves(alpha), *fp32_halves(beta), int(ignore_index),
         HAS_TARGET=target is not None, DECOUPLED=decoupled, COMPUTE_GRAD=compute_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
@@ -280,8 +285,8 @@ def _softmax_divergence_kernel(
     i_idx = rows % I
     s_row = a_idx * s_sa + i_idx * s_si
     t_row = a_idx * t_sa + i_idx * t_si
-    T = tl.cast(T_hi, ACC) + tl.cast(T_lo, ACC)  # float args are fp32 on GPU: two halves keep fp64
-    beta = tl.cast(beta_hi, ACC) + tl.cast(beta_lo, ACC)
+    T = join_halves(T_hi, T_lo, ACC)  # float args are fp32 on a GPU: two halves keep fp64
+    beta = join_halves(beta_hi, beta_lo, ACC)
     inv_T = 1.0 / T
     neg_inf = float("-inf")
     if HAS_TARGET:
@@ -398,20 +403,14 @@ def _softmax_divergence_triton(s, t, target, scale, dim, T, ignore_index, diverg
     acc = acc_dtype(s.dtype)
     row_loss = torch.empty(s.shape[:dim] + s.shape[dim + 1:], dtype=acc, device=s.device)
     grad, g3 = _gradient_like(s, s3, compute_grad)
-    rows_contiguous = (s3.stride(2) if I > 1 else s3.stride(0)) == 1 and s3.stride(1) != 1
-    if rows_contiguous:
-        block_r, block_v, warps = 64, 16, 4
-    else:
-        block_r = 1
-        block_v = min(max(triton.next_power_of_2(V), 512), 4096 if s.element_size() >= 4 else 8192)
-        warps = 16 if block_v >= 4096 else 4
+    block_r, block_v, warps = _tiles(s3, s.element_size())
     _softmax_divergence_kernel[(triton.cdiv(n_rows, block_r),)](
         s3, t3, g3, target.reshape(-1) if target is not None else row_loss, row_loss, scale,
         n_rows, V, I,
         s3.stride(0), s3.stride(1), s3.stride(2),
         t3.stride(0), t3.stride(1), t3.stride(2),
         g3.stride(0), g3.stride(1), g3.stride(2),
-        *_fp32_halves(T), *_fp32_halves(jsd_beta), int(ignore_index),
+        *fp32_halves(T), *fp32_halves(jsd_beta), int(ignore_index),
         DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, COMPUTE_GRAD=compute_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
@@ -446,8 +445,8 @@ def _softmax_kl_topk_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     bitmap = bitmap_ptr + pid.to(tl.int64) * n_words
-    T = tl.cast(T_hi, ACC) + tl.cast(T_lo, ACC)
-    beta = tl.cast(beta_hi, ACC) + tl.cast(beta_lo, ACC)
+    T = join_halves(T_hi, T_lo, ACC)
+    beta = join_halves(beta_hi, beta_lo, ACC)
     inv_T = 1.0 / T
     neg_inf = float("-inf")
     scale = tl.load(scale_ptr).to(ACC)
@@ -634,7 +633,7 @@ def softmax_kl_topk_triton(s, indices, logprobs, target, scale, T, ignore_index,
         s2, indices, logprobs, grad if compute_grad else s2, target.reshape(-1) if target is not None else row_loss,
         row_loss, scale, bitmap,
         n_rows, V, k, n_words, s2.stride(0), g_stride,
-        *_fp32_halves(T), *_fp32_halves(jsd_beta), int(ignore_index),
+        *fp32_halves(T), *fp32_halves(jsd_beta), int(ignore_index),
         DIVERGENCE=DIVERGENCE_CODES[divergence], RENORMALIZE=bool(renormalize), HAS_TARGET=target is not None,
         COMPUTE_GRAD=compute_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_V=block_v, BLOCK_K=block_k, num_warps=8 if block_v >= 2048 else 4,

@@ -141,6 +141,7 @@ def test_tvd_temperature_keeps_its_size():
 CASES = [((37, 501), -1), ((3, 2), 1), ((1, 7), -1), ((2, 5, 33), -1), ((2, 5, 3, 4), 1)]
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", DENSE)
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -290,6 +291,7 @@ def test_topk_with_every_class_is_dense(device, backend, divergence, beta, tail,
     assert_close(sparse[1], dense[1], 2e-6, "grad")
 
 
+@pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", TOPK)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("divergence,beta", divergences(("forward_kl", None), ("jsd", 0.5)))
@@ -417,12 +419,14 @@ def _compile_inputs(device):
     return s, [t, topk.indices, topk.logprobs, target]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device,backend", [p for p in DENSE if p.values[1] != "torch"])
 def test_torch_compile_fullgraph(device, backend):
     s, others = _compile_inputs(device)
     assert_compiled_matches_eager(_every_loss, [s], others, backend)
 
 
+@pytest.mark.compile
 def test_functional_traces_without_graph_breaks():
     """The checks (TopK's included) and the torch backend under torch.compile(fullgraph=True);
     dynamo's eager backend: the trace is what is tested, not inductor's code."""
@@ -432,3 +436,42 @@ def test_functional_traces_without_graph_breaks():
         eager = _every_loss(s, *others)
         compiled = torch.compile(_every_loss, fullgraph=True, backend="eager")(s, *others)
     assert_close(compiled, eager, 1e-6, "loss")
+
+
+GPU_BACKENDS = kernel_backends("cuda", op.DIVERGENCE_KERNELS) if torch.cuda.is_available() else []
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("V", [32000, 128256])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_gpu_sizes(backend, dtype, V, divergence, beta):
+    """LLM vocabularies: rows cached in one block or split over a cluster (CUDA), tiles (Triton)."""
+    s, t = make((6, V), dtype, "cuda", seed=40), make((6, V), dtype, "cuda", seed=41)
+    target = torch.tensor([0, V - 1, 17, -100, 5, V // 2], device="cuda")
+    grad_out = torch.tensor(1.3, device="cuda")
+    fn = loss_fn(divergence, beta)
+    loss, grad = run(backend, fn, s, t, grad_out, T=2.0, target=target)
+    ref_loss, ref_grad = reference(fn, s, t, grad_out, T=2.0, target=target)
+    assert_close(loss, ref_loss, 2e-5, "loss")
+    assert_close(grad, ref_grad, max(TOLERANCE[dtype], 1e-5), "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_core
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", kernel_backends("cuda", op.TOPK_KERNELS) if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_gpu_topk_sizes(backend, tail):
+    """k = 64 of V = 128256, bfloat16 student and log-probabilities."""
+    s, t = make((8, 128256), torch.bfloat16, "cuda", seed=42), make((8, 128256), torch.float32, "cuda", seed=43)
+    topk = kdfast.topk_logits(t, 64, dtype=torch.bfloat16)
+    grad_out = torch.tensor(1.0, device="cuda")
+    for fn in (KF.soft_target_kl, KF.reverse_kl, KF.jsd, KF.tvd):
+        loss, grad = run(backend, fn, s, topk, grad_out, tail=tail)
+        ref_loss, ref_grad = reference(fn, s, topk, grad_out, tail=tail)
+        assert_close(loss, ref_loss, 2e-5, "loss")
+        assert_close(grad, ref_grad, TOLERANCE[torch.bfloat16], "grad")
