@@ -236,17 +236,33 @@ struct ReverseKLRow {
   acc_t loss, a, b;
 };
 
+// A cross that is NaN while the sums are not comes from a class with student mass where the
+// teacher's logit is -inf (+inf - inf when the anchor moved): the RKL is +inf there.
 template <typename acc_t>
 KDFAST_HD ReverseKLRow<acc_t> reverse_kl_finish_row(acc_t sum_s, acc_t sum_t, acc_t cross, acc_t max_t, acc_t t_a,
                                                     acc_t T, acc_t scale) {
   const acc_t inv_T = acc_t(1) / T;
   acc_t rkl = cross / sum_s + (max_t - t_a) * inv_T + (log(sum_t) - log(sum_s));
-  if (t_a == -std::numeric_limits<acc_t>::infinity()) rkl = std::numeric_limits<acc_t>::infinity();
+  const bool ruled_out = t_a == -std::numeric_limits<acc_t>::infinity() ||
+                         (cross != cross && sum_s == sum_s && sum_t == sum_t);
+  if (ruled_out) rkl = std::numeric_limits<acc_t>::infinity();
   ReverseKLRow<acc_t> out;
   out.loss = T * T * rkl;
   out.a = T * scale / sum_s;
   out.b = cross / sum_s;
   return out;
+}
+
+// Kernels that keep running statistics (CUDA, Triton): the reverse-KL cross accumulated
+// against the anchor (s_a = ref_old, t_a = t_old) re-centred on a new one (ref_new, t_new):
+//   d' = d - ((ref_new - ref_old) - (t_new - t_old))/T,  e^ys' = f e^ys (f: sum_s's rescale),
+//   so cross' = f (cross - sum_s ((ref_new - ref_old) - (t_new - t_old))/T).
+// Nothing accumulated yet (sum_s == 0) needs nothing.
+template <typename acc_t>
+KDFAST_HD acc_t reverse_kl_recentre(acc_t cross, acc_t sum_s, acc_t ref_old, acc_t t_old, acc_t ref_new, acc_t t_new,
+                                    acc_t inv_T, acc_t f) {
+  if (sum_s == acc_t(0)) return acc_t(0);
+  return f * (cross - sum_s * ((ref_new - ref_old) - (t_new - t_old)) * inv_T);
 }
 
 // What a divergence is multiplied by at temperature T (loss) and what its gradient

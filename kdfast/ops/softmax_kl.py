@@ -269,8 +269,8 @@ def _finish(rows: torch.Tensor, scale: torch.Tensor, reduction: str, weight: flo
 # softmax_kl_triton and softmax_kl_topk_triton (triton).
 KERNELS = Kernels("softmax_kl", triton={"softmax_kl": "softmax_kl_triton", "softmax_kl_topk": "softmax_kl_topk_triton"})
 # The backends of reverse KL, JSD and TVD (dense), and of sparse teachers.
-DIVERGENCE_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton"))
-TOPK_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton"))
+DIVERGENCE_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton", "cuda"))
+TOPK_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton", "cuda"))
 
 
 @fused_op("kdfast::softmax_kl", grads=("s",))
@@ -285,9 +285,8 @@ def softmax_kl(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor | None, di
     """
     kept = None if target is None else target != ignore_index
     scale = _grad_scale(reduction, s, dim, kept, weight, divisor)
-    divergence_args = () if divergence == "forward_kl" else (divergence, jsd_beta)
     rows, grad = KERNELS("softmax_kl", backend)(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled,
-                                                compute_grad, *divergence_args)
+                                                compute_grad, divergence, jsd_beta)
     if compute_grad and grad.stride() != s.stride() and grad.stride() != torch.empty_like(s).stride():
         grad = torch.empty_like(s).copy_(grad)  # the layout the fake kernel promises
     return _finish(rows, scale, reduction, weight), grad

@@ -324,7 +324,8 @@ def _softmax_divergence_kernel(
             old_s = tl.where(m_s == neg_inf, 0.0, m_s)
             shift = ((ref_s - old_s) - (new_t_a - t_a)) * inv_T
             d = ((xs - ref_s[:, None]) - (xt - new_t_a[:, None])) * inv_T
-            cross = f_s * (cross - z_s * shift) + tl.sum(tl.where(e_s > 0.0, e_s * d, 0.0), axis=1)
+            cross = tl.where(z_s > 0.0, f_s * (cross - z_s * shift), 0.0)  # reverse_kl_recentre
+            cross += tl.sum(tl.where(e_s > 0.0, e_s * d, 0.0), axis=1)
         t_a = new_t_a
         z_s = z_s * f_s + tl.sum(e_s, axis=1)
         z_t = z_t * tl.exp((m_t - ref_t) * inv_T) + tl.sum(tl.exp((xt - ref_t[:, None]) * inv_T), axis=1)
@@ -337,7 +338,9 @@ def _softmax_divergence_kernel(
     overflow = _overflows(m_s, inv_T) | _overflows(m_t, inv_T)
     if DIVERGENCE == 1:  # reverse_kl_finish_row
         rkl = cross / z_s + (m_t - t_a) * inv_T + (log_z_t - log_z_s)
-        rkl = tl.where(t_a == neg_inf, float("inf"), rkl)  # the teacher rules out the student's argmax
+        # the teacher rules out a class with student mass (reverse_kl_finish_row)
+        ruled_out = (t_a == neg_inf) | ((cross != cross) & (z_s == z_s) & (z_t == z_t))
+        rkl = tl.where(ruled_out, float("inf"), rkl)
         loss = T * T * rkl
         coef_a = T * scale / z_s
         coef_b = cross / z_s
