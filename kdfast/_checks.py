@@ -145,26 +145,32 @@ def check_topk(topk, student: torch.Tensor, dim: int, op: str, name: str = "teac
     for part, x in (("indices", indices), ("logprobs", logprobs)):
         if x.device != student.device:
             raise ValueError(f"{op}: {name}.{part} is on {x.device} and student_logits on {student.device}")
-    V = student.shape[dim]
-    check_k(indices.shape[dim], V, op)
-    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
-        # (Checked eagerly on the CPU only: on a GPU this would wait for the device; the GPU
-        # kernels give such a row a NaN loss.)
-        rows = indices.movedim(dim, -1)
-        bad = (rows < 0) | (rows >= V)
-        if bool(bad.any()):
-            raise ValueError(f"{op}: {name}.indices holds class index {int(rows[bad][0])} outside [0, {V}) for "
-                             f"logits with {V} classes")
-        ordered = rows.sort(-1).values
-        repeated = ordered[..., 1:] == ordered[..., :-1]
-        if bool(repeated.any()):
-            row = repeated.any(-1).nonzero()[0].tolist()
-            raise ValueError(f"{op}: {name}.indices repeats class {int(ordered[..., 1:][repeated][0])} in row "
-                             f"{row}; the top-k classes of a row must be distinct")
-        if logprobs.numel() and bool((logprobs > 0).any()):
-            raise ValueError(f"{op}: {name}.logprobs holds {float(logprobs.max()):g} > 0; log-probabilities are "
-                             f"<= 0 (these look like logits: kdfast.topk_logits(teacher_logits, k) makes a TopK)")
+    check_k(indices.shape[dim], student.shape[dim], op)
+    if logprobs.device.type == "cpu" and not torch.compiler.is_compiling() and bool((logprobs > 0).any()):
+        raise ValueError(f"{op}: {name}.logprobs holds {float(logprobs.max()):g} > 0; log-probabilities are "
+                         f"<= 0 (these look like logits: kdfast.topk_logits(teacher_logits, k) makes a TopK)")
     return indices, logprobs
+
+
+def check_topk_indices(indices: torch.Tensor, num_classes: int, dim: int, name: str = "teacher_logits") -> None:
+    """Every row's top-k indices in [0, num_classes) and distinct; eagerly, on the CPU only
+    (on a GPU this would wait for the device; the kernels give such a row a NaN loss).
+    The C++ CPU kernel checks the same as it reads them (the same errors)."""
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    rows = indices.movedim(dim, -1)
+    low, high = torch.aminmax(rows)
+    if int(low) < 0 or int(high) >= num_classes:
+        bad = int(low) if int(low) < 0 else int(high)
+        raise ValueError(f"{name}.indices holds class index {bad} outside [0, {num_classes}) for logits with "
+                         f"{num_classes} classes")
+    ordered = rows.sort(-1).values
+    repeated = ordered[..., 1:] == ordered[..., :-1]
+    if bool(repeated.any()):
+        row = int(repeated.any(-1).reshape(-1).nonzero()[0])
+        raise ValueError(f"{name}.indices repeats class {int(ordered[..., 1:][repeated][0])} in row {row} (rows "
+                         f"counted in order over the dims other than the class dim); the top-k classes of a row "
+                         f"must be distinct")
 
 
 def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:

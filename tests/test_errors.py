@@ -57,7 +57,7 @@ def topk(indices=None, logprobs=None):
     (lambda: KF.jsd(s10, topk(logprobs=top3.indices)), TypeError, r"teacher_logits.logprobs has dtype torch.int32"),
     (lambda: KF.jsd(s10, topk(torch.tensor([[0, 1, 10]] * 4))), ValueError, r"jsd: teacher_logits.indices holds class index 10 outside \[0, 10\)"),
     (lambda: KF.tvd(s10, topk(torch.tensor([[0, 1, -1]] * 4))), ValueError, r"class index -1 outside \[0, 10\)"),
-    (lambda: KF.reverse_kl(s10, topk(torch.tensor([[0, 1, 2]] * 3 + [[5, 2, 5]]))), ValueError, r"reverse_kl: teacher_logits.indices repeats class 5 in row \[3\]; the top-k classes of a row must be distinct"),
+    (lambda: KF.reverse_kl(s10, topk(torch.tensor([[0, 1, 2]] * 3 + [[5, 2, 5]]))), ValueError, r"reverse_kl: teacher_logits.indices repeats class 5 in row 3 \(rows counted.*\); the top-k classes of a row must be distinct"),
     (lambda: KF.jsd(s10, topk(logprobs=top3.logprobs[:, :2])), ValueError, r"indices has shape \[4, 3\] and teacher_logits.logprobs \[4, 2\]"),
     (lambda: KF.jsd(s10, kdfast.TopK(top3.indices[:3], top3.logprobs[:3])), ValueError, r"teacher_logits has shape \[3, 3\] for student_logits \[4, 10\].*class dim \(dim=1\) of size k"),
     (lambda: KF.jsd(s10, kdfast.TopK(top3.indices[:, None], top3.logprobs[:, None])), ValueError, r"teacher_logits has shape \[4, 1, 3\] for student_logits \[4, 10\]"),

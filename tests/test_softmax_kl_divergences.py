@@ -475,3 +475,20 @@ def test_gpu_topk_sizes(backend, tail):
         ref_loss, ref_grad = reference(fn, s, topk, grad_out, tail=tail)
         assert_close(loss, ref_loss, 2e-5, "loss")
         assert_close(grad, ref_grad, TOLERANCE[torch.bfloat16], "grad")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in kernel_backends("cpu", op.TOPK_KERNELS) if b == "cpu"])
+def test_bad_indices_are_caught_on_the_cpu(backend):
+    """The CPU backends check the indices as they read them (the GPU ones give the row NaN)."""
+    s = make((3, 10))
+    logprobs = torch.full((3, 3), -2.0)
+    repeated = kdfast.TopK(torch.tensor([[1, 2, 3], [4, 4, 5], [0, 9, 1]]), logprobs)
+    outside = kdfast.TopK(torch.tensor([[1, 2, 3], [4, 6, 5], [0, 10, 1]]), logprobs)
+    with kdfast.use_backend(backend):
+        with pytest.raises(ValueError, match=r"jsd: teacher_logits.indices repeats class 4 in row 1"):
+            KF.jsd(s, repeated)
+        with pytest.raises(ValueError, match=r"tvd: teacher_logits.indices holds class index 10 outside \[0, 10\)"):
+            KF.tvd(s, outside, tail="renormalize")
+        # the next call with good indices is unaffected (the kernel's per-thread marks were cleared)
+        good = kdfast.TopK(repeated.indices[[0, 2]], logprobs[:2])
+        assert torch.isfinite(KF.jsd(s[[0, 2]], good, reduction="none")).all()

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "huge_pages.h"
+#include "softmax_divergence.h"
 #include "softmax_kl.h"
 #include "vec.h"
 
@@ -235,8 +236,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at:
   SoftmaxKLProblem p =
       prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
   set_divergence(p, divergence, jsd_beta);
-  KDFAST_CHECK(p.divergence == Divergence::ForwardKL, "softmax_kl: the CPU kernels compute forward KL only");
   const double grad_scale = scale.item<double>();
+  if (p.divergence != Divergence::ForwardKL) {
+    softmax_divergence_cpu(p, grad_scale);
+    return {p.row_loss, p.grad};
+  }
   advise_huge_pages(p.grad);
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cpu", [&] {
     if (p.layout == KernelLayout::Rows) {

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _verify
+from .. import _checks, _verify
 from .._dtypes import acc_dtype
 from ._op import Kernels, fused_op, needs_grad
 from ._reduction import reduce_rows, reduction_divisor
@@ -269,8 +269,8 @@ def _finish(rows: torch.Tensor, scale: torch.Tensor, reduction: str, weight: flo
 # softmax_kl_triton and softmax_kl_topk_triton (triton).
 KERNELS = Kernels("softmax_kl", triton={"softmax_kl": "softmax_kl_triton", "softmax_kl_topk": "softmax_kl_topk_triton"})
 # The backends of reverse KL, JSD and TVD (dense), and of sparse teachers.
-DIVERGENCE_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton", "cuda"))
-TOPK_KERNELS = Kernels("softmax_kl", triton=KERNELS.triton_names, backends=("torch", "triton", "cuda"))
+DIVERGENCE_KERNELS = KERNELS
+TOPK_KERNELS = KERNELS
 
 
 @fused_op("kdfast::softmax_kl", grads=("s",))
@@ -397,11 +397,18 @@ def softmax_kl_topk_loss(s, indices, logprobs, *, T, reduction, dim, target=None
                                                                    lambda: _topk_slice(s, indices, logprobs, target,
                                                                                        dim, kw)))
     if backend == "torch":
+        try:
+            _checks.check_topk_indices(indices, s.shape[dim], dim)
+        except ValueError as e:
+            raise ValueError(f"{op}: {e}") from None
         return softmax_kl_topk_ref(s, indices, logprobs, target, dim, T, ignore_index, divergence, jsd_beta, tail,
                                    reduction, weight, divisor)
-    loss, _ = softmax_kl_topk(s, indices, logprobs, target, dim, float(T), int(ignore_index), divergence,
-                              float(jsd_beta), tail == "renormalize", reduction, float(weight), divisor,
-                              needs_grad(s), backend)
+    try:
+        loss, _ = softmax_kl_topk(s, indices, logprobs, target, dim, float(T), int(ignore_index), divergence,
+                                  float(jsd_beta), tail == "renormalize", reduction, float(weight), divisor,
+                                  needs_grad(s), backend)
+    except ValueError as e:  # the CPU kernel's checks of the indices (check_topk_indices' errors)
+        raise ValueError(f"{op}: {e}") from None
     return loss
 
 
