@@ -15,7 +15,7 @@ import torch
 
 from bench.harness import run_case, write_records
 
-FAMILIES = ["softmax_kl", "attention", "relational", "callback"]
+FAMILIES = ["softmax_kl", "divergences", "attention", "relational", "callback"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -492,3 +492,13 @@ def test_bad_indices_are_caught_on_the_cpu(backend):
         # the next call with good indices is unaffected (the kernel's per-thread marks were cleared)
         good = kdfast.TopK(repeated.indices[[0, 2]], logprobs[:2])
         assert torch.isfinite(KF.jsd(s[[0, 2]], good, reduction="none")).all()
+
+
+def test_the_benchmarks_eager_formulas_are_these_losses():
+    """bench/peers.py's reverse KL and TVD compute what kdfast computes (a speed-up is always
+    measured against the same loss; JSD's peer is TRL's function: tests/test_trl.py)."""
+    from bench.peers import eager_reverse_kl, eager_tvd
+    s, t = make((6, 40), torch.float64, seed=50), make((6, 40), torch.float64, seed=51)
+    with kdfast.use_backend("torch"):
+        assert_close(eager_reverse_kl(s, t, 2.0), KF.reverse_kl(s, t, T=2.0), 1e-12, "reverse_kl")
+        assert_close(eager_tvd(s, t, 2.0), KF.tvd(s, t, T=2.0), 1e-12, "tvd")

@@ -114,3 +114,12 @@ def test_bad_arguments_are_named():
         generalized_jsd_loss(s, t, temperature=0.0)
     with pytest.raises(ValueError, match=r"unknown reduction 'avg'"):
         generalized_jsd_loss(s, t, reduction="avg")
+
+
+def test_the_benchmarks_peer_is_trls_function(trl_loss):
+    """bench/peers.py times TRL's formula as TRL writes it."""
+    from bench.peers import trl_generalized_jsd_loss
+    s, t, labels = _inputs()
+    for kw in ({}, {"labels": labels, "beta": 0.2, "temperature": 2.0}, {"beta": 1.0, "reduction": "sum"},
+               {"beta": 0.0, "labels": labels, "num_items_in_batch": 7}, {"reduction": "none"}):
+        assert torch.equal(trl_generalized_jsd_loss(s, t, **kw), trl_loss(s, t, **kw))

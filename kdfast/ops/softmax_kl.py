@@ -322,7 +322,7 @@ def softmax_kl_topk(s: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tens
                                                      divergence, jsd_beta, renormalize, compute_grad)
     if compute_grad:
         grad = grad.movedim(-1, dim)
-        if grad.stride() != torch.empty_like(s).stride():
+        if grad.stride() != s.stride() and grad.stride() != torch.empty_like(s).stride():
             grad = torch.empty_like(s).copy_(grad)  # the layout the fake kernel promises
     return _finish(rows, scale, reduction, weight), grad
 
