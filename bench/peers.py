@@ -2,8 +2,9 @@
 
 fasterai 0.4.1 (SoftTarget, Attention, Similarity), lenscloth/RKD and RepDistiller (RKD),
 RepDistiller (PKT), TRL 1.16 (GKDTrainer.generalized_jsd_loss: JSD, and reverse KL as its
-beta = 1 end), Liger-Kernel's TVD reference (total variation). The benchmarks time these; tests/test_losses.py checks that kdfast
-computes the same numbers, so a speed-up is always measured against the same loss.
+beta = 1 end), Liger-Kernel's TVD reference (total variation). The benchmarks time these;
+tests/test_losses.py, tests/test_trl.py and tests/test_softmax_kl_divergences.py check that
+kdfast computes the same numbers, so a speed-up is always measured against the same loss.
 """
 from __future__ import annotations
 
