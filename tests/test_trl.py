@@ -44,7 +44,7 @@ def trl_loss():
 
 # TRL's conventions are the wrapper's: checked on the reference and the C++ kernels (Triton,
 # interpreted here, once below).
-BACKENDS = ["torch"] + [b for b in kernel_backends("cpu", op.DIVERGENCE_KERNELS) if b != "triton"]
+BACKENDS = ["torch"] + [b for b in kernel_backends("cpu", op.KERNELS) if b != "triton"]
 
 
 def _inputs(dtype=torch.float64, seed=0):
@@ -84,7 +84,7 @@ def test_matches_trl(trl_loss, backend, beta, temperature, reduction):
         assert_close(grad, ref_grad, 1e-10, f"grad {kw}")
 
 
-@pytest.mark.parametrize("backend", ["torch"] + kernel_backends("cpu", op.DIVERGENCE_KERNELS))
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends("cpu", op.KERNELS))
 def test_float32_logits_match_trl_to_float32_precision(trl_loss, backend):
     s, t, labels = _inputs(torch.float32, seed=1)
     with kdfast.use_backend(backend):

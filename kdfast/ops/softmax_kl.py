@@ -268,9 +268,6 @@ def _finish(rows: torch.Tensor, scale: torch.Tensor, reduction: str, weight: flo
 # The fused kernels: torch.ops.kdfast_C.softmax_kl and softmax_kl_topk (cpu, cuda),
 # softmax_kl_triton and softmax_kl_topk_triton (triton).
 KERNELS = Kernels("softmax_kl", triton={"softmax_kl": "softmax_kl_triton", "softmax_kl_topk": "softmax_kl_topk_triton"})
-# The backends of reverse KL, JSD and TVD (dense), and of sparse teachers.
-DIVERGENCE_KERNELS = KERNELS
-TOPK_KERNELS = KERNELS
 
 
 @fused_op("kdfast::softmax_kl", grads=("s",))
@@ -318,7 +315,7 @@ def softmax_kl_topk(s: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tens
     s_last = s.movedim(dim, -1)
     indices = indices.movedim(dim, -1).to(torch.int64).contiguous()
     logprobs = logprobs.movedim(dim, -1).to(acc).contiguous()
-    rows, grad = TOPK_KERNELS("softmax_kl_topk", backend)(s_last, indices, logprobs, target, scale, T, ignore_index,
+    rows, grad = KERNELS("softmax_kl_topk", backend)(s_last, indices, logprobs, target, scale, T, ignore_index,
                                                      divergence, jsd_beta, renormalize, compute_grad)
     if compute_grad:
         grad = grad.movedim(-1, dim)
@@ -371,8 +368,7 @@ def softmax_kl_loss(s, t, *, T, reduction, dim, target=None, ignore_index=-100, 
     divisor = _divisor_tensor(divisor, s.device)
     kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, divergence=divergence, jsd_beta=jsd_beta,
               decoupled=decoupled, alpha=alpha, beta=beta, normalize=normalize, weight=weight, divisor=divisor, op=op)
-    kernels = KERNELS if divergence == "forward_kl" else DIVERGENCE_KERNELS
-    backend = kernels.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
+    backend = KERNELS.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
                                                               lambda b: kernel_path(b, s, t, dim),
                                                               lambda: _slice(s, t, target, dim, kw)))
     if backend == "torch":
@@ -392,7 +388,7 @@ def softmax_kl_topk_loss(s, indices, logprobs, *, T, reduction, dim, target=None
     divisor = _divisor_tensor(divisor, s.device)
     kw = dict(T=T, reduction=reduction, ignore_index=ignore_index, divergence=divergence, jsd_beta=jsd_beta,
               tail=tail, weight=weight, divisor=divisor, op=op)
-    backend = TOPK_KERNELS.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
+    backend = KERNELS.backend(op, s.device, _verify.first_use("softmax_kl", op, s.device, s.dtype,
                                                                    lambda b: topk_kernel_path(b, tail),
                                                                    lambda: _topk_slice(s, indices, logprobs, target,
                                                                                        dim, kw)))
