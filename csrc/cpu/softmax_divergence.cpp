@@ -11,9 +11,10 @@
 //   4. the gradient from the scratch.
 // Traffic from memory: read s, read t, write grad. The columns layout ([B, C, H, W] with
 // dim=1) takes K neighbouring rows as the lanes of a vector and walks their classes.
-// Sparse teachers: the student row (bucket: its maximum, exponentials and the tail's own
-// sum; renormalize: only its k entries), the teacher's k entries; O(rows) memory beyond the
-// inputs and the gradient, a scratch row and a byte mask of the row's classes per thread.
+// Sparse teachers: the teacher's k entries; the student row in one sweep (bucket: centred
+// on the maximum over K, its exponentials, Z and the tail's sum through a mask of the row's
+// top-k classes; renormalize: only its k entries), and the gradient from the scratch row;
+// O(rows) memory beyond the inputs and the gradient, a scratch row and the mask per thread.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -345,9 +346,12 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
   const int64_t padded = (V + K - 1) / K * K;
 
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
-    acc_t* es = renormalize ? nullptr : scratch<acc_t>(padded);  // e^ys, 0 on K: the tail's
-    thread_local std::vector<uint8_t> marks;  // the row's top-k classes (cleared after each row)
-    if (static_cast<int64_t>(marks.size()) < V) marks.assign(V, 0);
+    // e^ys of the classes outside K (0 on K: the tail's), and 1 on the row's top-k classes
+    // (0 elsewhere; cleared after each row)
+    acc_t* es = renormalize ? nullptr : scratch<acc_t>(padded);
+    thread_local std::vector<acc_t> marks;
+    if (static_cast<int64_t>(marks.size()) < padded) marks.assign(padded, 0);
+    acc_t* mark = marks.data();
     const Vec zero(0), vinv_T(inv_T);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* sr = s + r * p.s_row_stride;
@@ -361,11 +365,11 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       }
       int64_t marked = 0;
       const auto unmark = [&] {
-        for (int64_t c = 0; c < marked; ++c) marks[ir[c]] = 0;
+        for (int64_t c = 0; c < marked; ++c) mark[ir[c]] = 0;
       };
       for (; marked < k; ++marked) {
         const int64_t j = ir[marked];
-        if (j < 0 || j >= V || marks[j]) {  // the errors of kdfast._checks.check_topk_indices
+        if (j < 0 || j >= V || mark[j] != 0) {  // the errors of kdfast._checks.check_topk_indices
           unmark();
           TORCH_CHECK_VALUE(j >= 0 && j < V, "teacher_logits.indices holds class index ", j, " outside [0, ", V,
                             ") for logits with ", V, " classes");
@@ -373,7 +377,7 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
                             " (rows counted in order over the dims other than the class dim); the top-k classes of "
                             "a row must be distinct");
         }
-        marks[j] = 1;
+        mark[j] = 1;
       }
       // The student over K: its maximum and the teacher's log-probability there (the anchor).
       acc_t m_k = neg_inf, lp_a = neg_inf, m_lp = neg_inf;
@@ -385,44 +389,46 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         }
         m_lp = std::max(m_lp, lr[c]);
       }
-      // bucket: the full row's maximum, e^ys (0 on K) and Z; the tail's sum on its own scale.
-      acc_t m = m_k, z = 0, z_tail = 0, ref_tail = 0;
+      // bucket: one sweep over the row, centred on K's maximum (the row's is unknown until
+      // its end): its maximum, e^ys outside K into the scratch, Z and the tail's Z_tail.
+      // Centred on the row's maximum instead (a second sweep) when the row rises more than
+      // 64 T above K's (e^64: far from float32's range, whatever V).
+      acc_t ref = m_k == neg_inf ? acc_t(0) : m_k, m = m_k, z = 0, z_tail = 0, ref_tail = ref;
       if (!renormalize) {
-        Vec max_s(neg_inf);
-        for (int64_t j = 0; j < V; j += K) {
-          const int64_t n = std::min(K, V - j);
-          const Vec x = Vec::set(Vec(neg_inf), L::load(sr + j, n), n);
-          max_s = Vec::blendv(max_s, x, x > max_s);
+        const auto sweep = [&] {
+          const Vec vref(ref);
+          Vec max_s(neg_inf), sum(0), tail(0);
+          for (int64_t j = 0; j < V; j += K) {
+            const int64_t n = std::min(K, V - j);
+            const Vec x = Vec::set(Vec(neg_inf), L::load(sr + j, n), n);
+            max_s = Vec::blendv(max_s, x, x > max_s);
+            const Vec e = ((x - vref) * vinv_T).exp();
+            const Vec e_tail = Vec::blendv(e, zero, Vec::loadu(mark + j) != zero);
+            e_tail.store(es + j);
+            sum = sum + e;
+            tail = tail + e_tail;
+          }
+          m = std::max(m_k, reduce_max(max_s));
+          z = reduce_sum(sum);
+          z_tail = reduce_sum(tail);
+        };
+        sweep();
+        if ((m - ref) * inv_T > acc_t(64)) {
+          ref = m;
+          sweep();
         }
-        m = std::max(m, reduce_max(max_s));
-      }
-      const acc_t ref = m == neg_inf ? acc_t(0) : m;
-      if (!renormalize) {
-        const Vec vref(ref);
-        Vec sum(0);
-        for (int64_t j = 0; j < V; j += K) {
-          const int64_t n = std::min(K, V - j);
-          const Vec e = Vec::set(zero, ((L::load(sr + j, n) - vref) * vinv_T).exp(), n);
-          e.store(es + j);
-          sum = sum + e;
-        }
-        z = reduce_sum(sum);
-        for (int64_t c = 0; c < k; ++c) es[ir[c]] = 0;
-        Vec tail(0);
-        for (int64_t j = 0; j < padded; j += K) tail = tail + Vec::loadu(es + j);
-        z_tail = reduce_sum(tail);
         ref_tail = ref;
         if (has_tail && !(z_tail >= acc_t(1e-30))) {
           // The tail's mass underflows next to K's (or is NaN): its own maximum keeps log
           // q_tail (and the spread of its gradient) exact.
           acc_t m_tail = neg_inf;
           for (int64_t j = 0; j < V; ++j) {
-            if (!marks[j]) m_tail = std::max(m_tail, static_cast<acc_t>(sr[j]));
+            if (mark[j] == 0) m_tail = std::max(m_tail, static_cast<acc_t>(sr[j]));
           }
           ref_tail = m_tail == neg_inf ? acc_t(0) : m_tail;
           z_tail = 0;
           for (int64_t j = 0; j < V; ++j) {
-            es[j] = marks[j] ? acc_t(0) : std::exp((static_cast<acc_t>(sr[j]) - ref_tail) * inv_T);
+            es[j] = mark[j] != 0 ? acc_t(0) : std::exp((static_cast<acc_t>(sr[j]) - ref_tail) * inv_T);
             z_tail += es[j];
           }
         }
