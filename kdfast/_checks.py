@@ -111,3 +111,23 @@ def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str,
     if not items_s:
         raise ValueError(f"{op}: fm_s and fm_t are empty; no layers were hooked (check the layer names)")
     return [(ks, vs, kt, vt) for (ks, vs), (kt, vt) in zip(items_s, items_t)]
+
+
+def check_callback_arguments(teacher, loss, weight, schedule, student_names: list, teacher_names: list) -> None:
+    """KnowledgeDistillationCallback's arguments (layer names are resolved separately)."""
+    op = "KnowledgeDistillationCallback"
+    if not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"{op}: teacher must be an nn.Module (e.g. teacher_learner.model), got "
+                        f"{type(teacher).__name__}")
+    if not callable(loss):
+        raise TypeError(f"{op}: loss must be a distillation loss (SoftTarget, Attention, ...) or a function "
+                        f"loss(pred=, teacher_pred=, fm_s=, fm_t=, target=), got {loss!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"{op}: weight must be a number (the blend is (1-w)·loss + w·KD), got {weight!r}")
+    if schedule is not None and not (hasattr(schedule, "progress") or callable(schedule)):
+        raise TypeError(f"{op}: schedule must be a Schedule (cos, lin, ...) or a function of pct_train, got "
+                        f"{schedule!r}")
+    if len(student_names) != len(teacher_names):
+        raise ValueError(f"{op}: {len(student_names)} student layer(s) {student_names} but {len(teacher_names)} "
+                         f"teacher layer(s) {teacher_names}; pass one teacher layer per student layer, in "
+                         f"matching order (match_feature_layers finds pairs)")

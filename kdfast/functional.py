@@ -86,7 +86,7 @@ def _attention_pair(name_s, f_s, name_t, f_t, pool, op):
         return f_s, f_t
     if not pool:
         raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
-                         f"pair layers of the same resolution (kdfast.fastai.match_feature_layers finds them), "
+                         f"pair layers of the same resolution (kdfast.layers.match_feature_layers finds them), "
                          f"or pass pool=True to average-pool the larger map to the smaller one's size")
     if f_s.dim() != f_t.dim() or f_s.dim() > 5:
         raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
