@@ -43,10 +43,11 @@ TORCH_LIBRARY(kdfast_C, m) {
   m.def("build_info() -> str", &kdfast::build_info);
   // Fused temperature-softmax KL (csrc/softmax_kl_math.h). Returns the T^2-scaled loss of
   // every row (rows: the input's shape without `dim`, opmath dtype) and, when compute_grad,
-  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float32 tensor.
+  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float64 tensor on s's
+  // device. decoupled: DecoupledKD, row loss T^2 (alpha TCKD + beta NCKD) (needs target).
   m.def(
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
-      "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
+      "int ignore_index, float alpha, float beta, bool decoupled, "
       "bool compute_grad) -> (Tensor, Tensor)");
   // grad *= grad_output (a scalar on the device), skipped on the device when it is 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");

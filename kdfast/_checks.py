@@ -56,6 +56,16 @@ def check_temperature(T, op: str) -> float:
     return float(T)
 
 
+def check_power(p, op: str, what: str = "") -> float:
+    """The one rule for an exponent or norm ``p`` (attention maps, similarity's row norm):
+    a finite number > 0, or a one-element tensor holding one."""
+    if isinstance(p, torch.Tensor) and p.numel() == 1:
+        p = p.item()
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"{op}: p must be a number > 0{what}, got {p!r}")
+    return float(p)
+
+
 def check_reduction(reduction: str, op: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
@@ -90,6 +100,58 @@ def check_target(target, logits: torch.Tensor, dim: int, op: str, ignore_index: 
             raise ValueError(f"{op}: target holds class index {int(target[bad][0])} outside [0, {num_classes}) "
                              f"for logits with {num_classes} classes")
     return target
+
+
+def check_decoupled(logits: torch.Tensor, target, dim: int, op: str) -> int:
+    """DecoupledKD's extra requirements: labels, and at least 2 classes along ``dim``
+    (already checked). Returns the number of classes."""
+    if target is None:
+        raise ValueError(f"{op}: DecoupledKD requires `target` labels. Use SoftTarget for label-free distillation.")
+    num_classes = logits.shape[dim]
+    if num_classes < 2:
+        raise ValueError(f"{op}: logits of shape {tuple(logits.shape)} have {num_classes} class along "
+                         f"dim={dim}; decoupling target and non-target classes needs at least 2")
+    return num_classes
+
+
+def check_feature_maps(name_s: str, f_s, name_t: str, f_t, pool: bool, op: str) -> bool:
+    """One attention-transfer layer pair: maps [B, C, *spatial] on one device, one batch.
+    Returns whether they need pooling to one spatial size (allowed by ``pool``)."""
+    check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
+    for name, f in ((name_s, f_s), (name_t, f_t)):
+        if f.dim() < 3:
+            raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
+                             f"(or [B, C, *spatial]) to build spatial attention")
+    if f_s.shape[2:] == f_t.shape[2:]:
+        return False
+    if not pool:
+        raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
+                         f"pair layers of the same resolution (kdfast.layers.match_feature_layers finds them), "
+                         f"or pass pool=True to average-pool the larger map to the smaller one's size")
+    if f_s.dim() != f_t.dim() or f_s.dim() > 5:
+        raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
+                         f"{name_s} {tuple(f_s.shape)} and {name_t} {tuple(f_t.shape)}")
+    return True
+
+
+def check_map_lists(f_s, f_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """attention_transfer's f_s, f_t: one pair of maps, or equally long lists of them,
+    as named pairs (names for errors)."""
+    if isinstance(f_s, torch.Tensor) or isinstance(f_t, torch.Tensor):
+        return [("f_s", f_s, "f_t", f_t)]
+    f_s, f_t = list(f_s), list(f_t)
+    if len(f_s) != len(f_t) or not f_s:
+        raise ValueError(f"{op}: {len(f_s)} student maps and {len(f_t)} teacher maps; pass one teacher map per "
+                         f"student map (at least one pair)")
+    return [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
+
+
+def check_embeddings(e_s, e_t, op: str) -> None:
+    """Relational losses: student and teacher embeddings [B, ...] of one batch of >= 2."""
+    check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
+    if e_s.shape[0] < 2:
+        raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
+                         f"each other and need a batch of at least 2")
 
 
 def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:

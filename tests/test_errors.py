@@ -29,6 +29,10 @@ s10, t10 = torch.randn(4, 10), torch.randn(4, 10)
     (lambda: KF.attention_transfer(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8, 8)), ValueError, r"spatial sizes differ.*match_feature_layers"),
     (lambda: KF.attention_transfer(torch.randn(2, 3), torch.randn(2, 3)), ValueError, r"f_s has shape \(2, 3\).*\[B, C, H, W\]"),
     (lambda: KF.attention_transfer(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4), p=0), ValueError, r"p must be a number > 0"),
+    (lambda: KF.similarity_preserving(torch.randn(3, 8), torch.randn(3, 8), p=float("inf")), ValueError,
+     r"similarity_preserving: p must be a number > 0 \(the norm of the Gram rows\), got inf"),
+    (lambda: L.Attention(p=True)(fm_s=[torch.randn(2, 3, 4, 4)], fm_t=[torch.randn(2, 3, 4, 4)]), ValueError,
+     r"Attention: p must be a number > 0, got True"),
     (lambda: KF.rkd_distance(torch.randn(1, 8), torch.randn(1, 8)), ValueError, r"a batch of 1 sample.*at least 2"),
     (lambda: KF.rkd_angle(torch.randn(1, 8), torch.randn(1, 8)), ValueError, r"at least 2"),
     (lambda: KF.pkt(torch.randn(1, 8), torch.randn(1, 8)), ValueError, r"at least 2"),
@@ -44,6 +48,18 @@ s10, t10 = torch.randn(4, 10), torch.randn(4, 10)
 def test_bad_input_gets_a_clear_error(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+def test_one_rule_for_p():
+    """Attention's exponent and similarity's norm take the same values: finite numbers > 0,
+    also as one-element tensors."""
+    f_s, f_t = torch.randn(3, 2, 4, 4), torch.randn(3, 5, 4, 4)
+    assert torch.equal(KF.attention_transfer(f_s, f_t, p=torch.tensor(3.0)), KF.attention_transfer(f_s, f_t, p=3))
+    assert torch.equal(KF.similarity_preserving(f_s, f_t, p=torch.tensor(3.0)), KF.similarity_preserving(f_s, f_t, p=3))
+    for p in (0, -1.5, float("inf"), float("nan"), "2", True):
+        for call in (lambda: KF.attention_transfer(f_s, f_t, p=p), lambda: KF.similarity_preserving(f_s, f_t, p=p)):
+            with pytest.raises(ValueError, match=r"p must be a number > 0"):
+                call()
 
 
 def test_nan_and_inf_behaviour_is_documented():

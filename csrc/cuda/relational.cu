@@ -152,6 +152,21 @@ __device__ __forceinline__ void stage_cols(acc_t (*tile)[kPad], const acc_t* __r
   }
 }
 
+// The thread's kSub x kSub register sub-tile of a row-major B x B matrix: rows
+// r0 + ty + kTileThreads a, columns c0 + tx + kTileThreads b, zeros outside the matrix.
+template <typename acc_t>
+__device__ __forceinline__ void load_sub_tile(acc_t (&out)[kSub][kSub], const acc_t* __restrict__ M, int64_t B,
+                                              int64_t r0, int64_t c0) {
+#pragma unroll
+  for (int a = 0; a < kSub; ++a) {
+#pragma unroll
+    for (int b = 0; b < kSub; ++b) {
+      const int64_t r = r0 + threadIdx.y + kTileThreads * a, c = c0 + threadIdx.x + kTileThreads * b;
+      out[a][b] = (r < B && c < B) ? M[r * B + c] : acc_t(0);
+    }
+  }
+}
+
 // R_ij = u_ij sum_k c u_ik, T_ij = sum_k c a^s and the tile's loss, over tiles of (i, j).
 template <typename acc_t>
 __global__ void __launch_bounds__(kTileThreads * kTileThreads)
@@ -168,20 +183,11 @@ rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t
   const int tx = threadIdx.x, ty = threadIdx.y;
 
   acc_t us_ij[kSub][kSub], bs_ij[kSub][kSub], ut_ij[kSub][kSub], bt_ij[kSub][kSub];
-  acc_t r_acc[kSub][kSub], t_acc[kSub][kSub];
-#pragma unroll
-  for (int a = 0; a < kSub; ++a) {
-#pragma unroll
-    for (int b = 0; b < kSub; ++b) {
-      const int64_t i = i0 + ty + kTileThreads * a, j = j0 + tx + kTileThreads * b;
-      const bool ok = i < B && j < B;
-      us_ij[a][b] = ok ? Us[i * B + j] : acc_t(0);
-      bs_ij[a][b] = ok ? Bs[i * B + j] : acc_t(0);
-      ut_ij[a][b] = ok ? Ut[i * B + j] : acc_t(0);
-      bt_ij[a][b] = ok ? Bt[i * B + j] : acc_t(0);
-      r_acc[a][b] = t_acc[a][b] = 0;
-    }
-  }
+  acc_t r_acc[kSub][kSub] = {}, t_acc[kSub][kSub] = {};
+  load_sub_tile(us_ij, Us, B, i0, j0);
+  load_sub_tile(bs_ij, Bs, B, i0, j0);
+  load_sub_tile(ut_ij, Ut, B, i0, j0);
+  load_sub_tile(bt_ij, Bt, B, i0, j0);
   acc_t loss = 0;
   for (int64_t k0 = 0; k0 < B; k0 += KC) {
     __syncthreads();
@@ -251,18 +257,9 @@ rkd_angle_cols_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ P) {
   const int64_t j0 = tj * kTile, k0 = (tj + rest) * kTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
 
-  acc_t gs_jk[kSub][kSub], gt_jk[kSub][kSub], p_acc[kSub][kSub];
-#pragma unroll
-  for (int a = 0; a < kSub; ++a) {
-#pragma unroll
-    for (int b = 0; b < kSub; ++b) {
-      const int64_t j = j0 + ty + kTileThreads * a, k = k0 + tx + kTileThreads * b;
-      const bool ok = j < B && k < B;
-      gs_jk[a][b] = ok ? Gs[j * B + k] : acc_t(0);
-      gt_jk[a][b] = ok ? Gt[j * B + k] : acc_t(0);
-      p_acc[a][b] = 0;
-    }
-  }
+  acc_t gs_jk[kSub][kSub], gt_jk[kSub][kSub], p_acc[kSub][kSub] = {};
+  load_sub_tile(gs_jk, Gs, B, j0, k0);
+  load_sub_tile(gt_jk, Gt, B, j0, k0);
   for (int64_t i0 = 0; i0 < B; i0 += IC) {
     __syncthreads();
     stage_rows<acc_t, IC>(us_ij, Us, B, i0, j0);  // [i][j]
@@ -363,6 +360,22 @@ __global__ void rkd_assemble_kernel(RkdAssembleArgs args, int64_t B, acc_t wd, a
 
 // ---------------------------------------------------------------- PKT
 
+// The end of a per-row kernel of PKT and similarity: sums the thread's loss and sigma over
+// the block and writes row i's four terms (rows is [4, B]: two of the row's own, sigma,
+// the loss).
+template <typename acc_t>
+__device__ __forceinline__ void write_row_terms(acc_t* __restrict__ rows, int64_t B, int64_t i, acc_t first,
+                                                acc_t second, acc_t sigma, acc_t loss, acc_t* scratch) {
+  loss = block_sum(loss, scratch);
+  sigma = block_sum(sigma, scratch);
+  if (threadIdx.x == 0) {
+    rows[i] = first;
+    rows[B + i] = second;
+    rows[2 * B + i] = sigma;
+    rows[3 * B + i] = loss;
+  }
+}
+
 // Row i: rows[0][i] = r_s, rows[1][i] = r_t (row sums of K), rows[2][i] = sigma (times B^2),
 // rows[3][i] = the loss row.
 template <typename acc_t>
@@ -384,14 +397,7 @@ __global__ void pkt_rows_kernel(const acc_t* __restrict__ Gs, const acc_t* __res
     loss += pkt_loss_term(pt, ps, eps);
     sigma -= pt / (ps + eps) * ps;
   }
-  loss = block_sum(loss, scratch);
-  sigma = block_sum(sigma, scratch);
-  if (threadIdx.x == 0) {
-    rows[i] = r_s;
-    rows[B + i] = r_t;
-    rows[2 * B + i] = sigma;
-    rows[3 * B + i] = loss;
-  }
+  write_row_terms(rows, B, i, r_s, r_t, sigma, loss, scratch);
 }
 
 // kappa = dL/dK at (row, col), from the row's sums (times B^2).
@@ -457,14 +463,7 @@ __global__ void similarity_rows_kernel(const acc_t* __restrict__ Gs, const acc_t
     loss += diff * diff;
     sigma += diff * hs;
   }
-  loss = block_sum(loss, scratch);
-  sigma = block_sum(sigma, scratch);
-  if (threadIdx.x == 0) {
-    rows[i] = norm_s;
-    rows[B + i] = norm_t;
-    rows[2 * B + i] = sigma;
-    rows[3 * B + i] = loss;
-  }
+  write_row_terms(rows, B, i, norm_s, norm_t, sigma, loss, scratch);
 }
 
 template <typename acc_t>
@@ -490,28 +489,17 @@ __global__ void similarity_grad_kernel(const acc_t* __restrict__ Gs, const acc_t
 
 // ---------------------------------------------------------------- host side
 
-template <typename T>
-const T* cdata(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
-}
-
-template <typename T>
-T* mdata(const at::Tensor& t) {
-  return t.mutable_data_ptr<T>();
-}
-
 std::tuple<at::Tensor, at::Tensor> rkd_gram_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
                                                  double dist_weight, double angle_weight, double tol,
                                                  bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "rkd_gram");
   const c10::cuda::CUDAGuard guard(g_s_in.device());
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
+  const GramProblem g = prepare_grams(g_s_in, g_t_in, compute_grad, "rkd_gram");
+  const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+  const int64_t B = g.B;
   const auto opts = gs.options();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool with_distance = dist_weight != 0, with_angle = angle_weight != 0;
   at::Tensor loss = at::zeros({}, opts);
-  at::Tensor S = compute_grad ? at::empty({B, B}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "rkd_gram_cuda", [&] {
     using acc_t = scalar_t;
     // d2, u, beta of the student (0..2) and the teacher (3..5); distance sums per row.
@@ -597,13 +585,12 @@ struct SimilarityKernels {
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor> gram_rows_loss_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
                                                        double param, bool compute_grad, const char* op) {
-  check_grams(g_s_in, g_t_in, op);
   const c10::cuda::CUDAGuard guard(g_s_in.device());
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
+  const GramProblem g = prepare_grams(g_s_in, g_t_in, compute_grad, op);
+  const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+  const int64_t B = g.B;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor rows = at::empty({4, B}, gs.options());
-  at::Tensor S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "gram_rows_loss_cuda", [&] {
     using acc_t = scalar_t;
     const GramRowsKernel<acc_t> rows_kernel = Kernels::template rows<acc_t>();
