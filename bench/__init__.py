@@ -1,2 +1,2 @@
-"""kdfast's benchmarks: one module per op family on the shared harness (bench/harness.py).
-Run them with ``kdfast bench`` (or ``python -m bench``); they are not tests."""
+"""Benchmark results (bench/results/) and the GPU check (gpu_check.sh). The benchmarks are
+part of the package: ``kdfast bench`` (kdfast/bench/)."""

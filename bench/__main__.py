@@ -1,5 +1,6 @@
+"""``python -m bench`` in a checkout: the same as ``kdfast bench`` (kdfast/bench/)."""
 import sys
 
-from bench.run import main
+from kdfast.bench.run import main
 
 sys.exit(main())

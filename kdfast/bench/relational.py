@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Floor, MemoryRatio, fwd_bwd
-from bench.peers import canonical_pkt, canonical_rkd, fasterai_similarity
+from .harness import Case, Floor, MemoryRatio, fwd_bwd
+from .peers import canonical_pkt, canonical_rkd, fasterai_similarity
 
 import kdfast
 from kdfast import _backend

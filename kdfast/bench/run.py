@@ -13,14 +13,17 @@ import os
 
 import torch
 
-from bench.harness import run_case, write_records
+from .harness import run_case, write_records
 
 FAMILIES = ["softmax_kl", "attention", "relational", "callback"]
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+def results_folder() -> str:
+    """$OUT, else bench/results of the current directory when it has one (a source
+    checkout: committed results), else the current directory."""
+    return os.environ.get("OUT") or ("bench/results" if os.path.isdir("bench/results") else ".")
 
 
 def default_output(device: str) -> str:
-    folder = os.environ.get("OUT") or RESULTS
+    folder = results_folder()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = torch.cuda.get_device_name().replace(" ", "-") if device == "cuda" else "cpu"
     return os.path.join(folder, f"{name.lower()}_{stamp}.jsonl")
@@ -37,7 +40,7 @@ def run(names: list[str], out: str | None, quick: bool, device: str | None = Non
     records = []
     for name in names or FAMILIES:
         try:
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"kdfast.bench.{name}")
         except ImportError as e:  # e.g. fastai is not installed on this machine
             print(f"{name}: skipped ({e})")
             continue
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdfast bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(FAMILIES)})")
-    parser.add_argument("--out", help="results file (default: $OUT or bench/results/<device>_<time>.jsonl)")
+    parser.add_argument("--out", help="results file (default: <device>_<time>.jsonl in $OUT, else in "
+                                      "./bench/results when it exists, else in the current directory)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke test)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     args = parser.parse_args(argv)

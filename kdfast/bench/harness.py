@@ -62,11 +62,13 @@ class Case:
 
 
 def kdfast_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The git commit kdfast was imported from (an editable install in a checkout), with
+    "-dirty" for uncommitted changes; "unknown" for an installed kdfast."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("-dirty" if dirty else "") if commit else "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Floor
-from bench.peers import fasterai_attention
+from .harness import Case, Floor
+from .peers import fasterai_attention
 
 import kdfast
 from kdfast import _backend

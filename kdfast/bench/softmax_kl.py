@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Floor, fwd_bwd
-from bench.peers import fasterai_soft_target
+from .harness import Case, Floor, fwd_bwd
+from .peers import fasterai_soft_target
 
 import kdfast
 from kdfast import _backend
