@@ -17,7 +17,7 @@ from kdfast import functional as KF
 from kdfast.ops.attention import KERNELS as ATTENTION_KERNELS
 from kdfast.ops.relational import KERNELS as RELATIONAL_KERNELS
 from kdfast.ops.softmax_kl import KERNELS as SOFTMAX_KL_KERNELS
-from conftest import kernel_backends
+from helpers import kernel_backends
 
 
 class NewTensorSpy(TorchDispatchMode):

@@ -4,12 +4,11 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kdfast
 from kdfast import losses as L
 from kdfast.bench.peers import canonical_pkt, canonical_rkd
-from conftest import assert_close, kernel_backends
+from helpers import assert_close, kernel_backends
 
 fl = pytest.importorskip("fasterai.distill.losses")
 
