@@ -56,8 +56,9 @@ TORCH_LIBRARY(kdfast_C, m) {
   // S = dL/dG_s + dL/dG_s^T [B, B] (else an empty tensor): dL/dE_s = S E_s.
   // RKD: weighted distance + angle on the Gram of centred embeddings; pairs with
   // d2 <= tol (G_ii + G_jj) count as duplicate samples.
-  m.def("rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
-        "bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
+      "bool compute_grad) -> (Tensor, Tensor)");
   m.def("pkt_gram(Tensor G_s, Tensor G_t, float eps, bool compute_grad) -> (Tensor, Tensor)");
   m.def("similarity_gram(Tensor G_s, Tensor G_t, float p, bool compute_grad) -> (Tensor, Tensor)");
   // Fused attention transfer over layer pairs (csrc/attention_math.h); all maps of a call

@@ -34,7 +34,11 @@ constexpr int kUnroll = 4;     // 16-byte loads in flight per thread
 constexpr int kMaxMaps = 16;   // feature maps per launch (more: several launches)
 constexpr int kPositionsPerWarp = 4;  // channels-contiguous layout
 
-enum class Layout { Positions, Channels, Scalar };
+enum class Layout {
+  Positions,
+  Channels,
+  Scalar,
+};
 
 template <typename scalar_t>
 constexpr int vec_size() {

@@ -27,6 +27,7 @@ constexpr int kRowThreads = 256;
 constexpr int kTile = 64;          // output tile of the angle kernels
 constexpr int kSub = 4;            // per-thread sub-tile: 16 x 16 threads x 4 x 4
 constexpr int kTileThreads = kTile / kSub;
+constexpr int kTileBlock = kTileThreads * kTileThreads;  // threads of an angle kernel's block
 constexpr int kPad = kTile + 1;
 
 // Rows of the reduced axis staged per step: 16 (float) or 8 (double) keeps shared memory
@@ -132,7 +133,7 @@ template <typename acc_t, int rows>
 __device__ __forceinline__ void stage_rows(acc_t (*tile)[kPad], const acc_t* __restrict__ M, int64_t B,
                                            int64_t r0, int64_t c0) {
   const int t = threadIdx.y * kTileThreads + threadIdx.x;
-  for (int e = t; e < rows * kTile; e += kTileThreads * kTileThreads) {
+  for (int e = t; e < rows * kTile; e += kTileBlock) {
     const int r = e / kTile, c = e % kTile;
     const int64_t gr = r0 + r, gc = c0 + c;
     tile[r][c] = (gr < B && gc < B) ? M[gr * B + gc] : acc_t(0);
@@ -145,7 +146,7 @@ template <typename acc_t, int cols>
 __device__ __forceinline__ void stage_cols(acc_t (*tile)[kPad], const acc_t* __restrict__ M, int64_t B,
                                            int64_t r0, int64_t c0) {
   const int t = threadIdx.y * kTileThreads + threadIdx.x;
-  for (int e = t; e < cols * kTile; e += kTileThreads * kTileThreads) {
+  for (int e = t; e < cols * kTile; e += kTileBlock) {
     const int r = e / cols, c = e % cols;  // consecutive threads: consecutive columns of one row
     const int64_t gr = r0 + r, gc = c0 + c;
     tile[c][r] = (gr < B && gc < B) ? M[gr * B + gc] : acc_t(0);
@@ -169,9 +170,9 @@ __device__ __forceinline__ void load_sub_tile(acc_t (&out)[kSub][kSub], const ac
 
 // R_ij = u_ij sum_k c u_ik, T_ij = sum_k c a^s and the tile's loss, over tiles of (i, j).
 template <typename acc_t>
-__global__ void __launch_bounds__(kTileThreads * kTileThreads)
-rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t* __restrict__ T,
-                      acc_t* __restrict__ loss_parts) {
+__global__ void __launch_bounds__(kTileBlock)
+    rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t* __restrict__ T,
+                          acc_t* __restrict__ loss_parts) {
   constexpr int KC = chunk_rows<acc_t>();
   __shared__ acc_t gs_ik[KC][kPad], us_ik[KC][kPad], gt_ik[KC][kPad], ut_ik[KC][kPad];
   __shared__ acc_t gs_jk[KC][kPad], gt_jk[KC][kPad];
@@ -239,8 +240,8 @@ rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t
 
 // P_jk = sum_i c u_ij u_ik over tiles (j-tile <= k-tile) of (j, k); P_kj = P_jk.
 template <typename acc_t>
-__global__ void __launch_bounds__(kTileThreads * kTileThreads)
-rkd_angle_cols_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ P) {
+__global__ void __launch_bounds__(kTileBlock)
+    rkd_angle_cols_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ P) {
   constexpr int IC = chunk_rows<acc_t>();
   __shared__ acc_t us_ij[IC][kPad], bs_ij[IC][kPad], ut_ij[IC][kPad], bt_ij[IC][kPad];
   __shared__ acc_t gs_ik[IC][kPad], us_ik[IC][kPad], gt_ik[IC][kPad], ut_ik[IC][kPad];
@@ -400,15 +401,19 @@ __global__ void pkt_rows_kernel(const acc_t* __restrict__ Gs, const acc_t* __res
   write_row_terms(rows, B, i, r_s, r_t, sigma, loss, scratch);
 }
 
+// One model's P at (row, col): its kernel value over the row's sum r.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pkt_probability(const acc_t* G, int64_t B, int64_t row, int64_t col, acc_t r,
+                                                 acc_t eps) {
+  return pkt_kernel(G[row * B + col], pkt_inv_norm(G[row * B + row], eps), pkt_inv_norm(G[col * B + col], eps)) / r;
+}
+
 // kappa = dL/dK at (row, col), from the row's sums (times B^2).
 template <typename acc_t>
 __device__ __forceinline__ acc_t pkt_kappa(const acc_t* Gs, const acc_t* Gt, const acc_t* rows, int64_t B,
                                            int64_t row, int64_t col, acc_t eps) {
   const acc_t r_s = rows[row], r_t = rows[B + row], sigma = rows[2 * B + row];
-  const acc_t ps = pkt_kernel(Gs[row * B + col], pkt_inv_norm(Gs[row * B + row], eps),
-                              pkt_inv_norm(Gs[col * B + col], eps)) / r_s;
-  const acc_t pt = pkt_kernel(Gt[row * B + col], pkt_inv_norm(Gt[row * B + row], eps),
-                              pkt_inv_norm(Gt[col * B + col], eps)) / r_t;
+  const acc_t ps = pkt_probability(Gs, B, row, col, r_s, eps), pt = pkt_probability(Gt, B, row, col, r_t, eps);
   return (-pt / (ps + eps) - sigma) / r_s;
 }
 
@@ -537,7 +542,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_gram_cuda(const at::Tensor& g_s_in, const
       rkd_angle_rows_kernel<acc_t><<<dim3(tiles, tiles), threads, 0, stream>>>(
           args, B, mdata<acc_t>(R), mdata<acc_t>(T), mdata<acc_t>(loss_parts));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      rkd_angle_cols_kernel<acc_t><<<tiles * (tiles + 1) / 2, threads, 0, stream>>>(args, B, mdata<acc_t>(P));
+      const int64_t tile_pairs = tiles * (tiles + 1) / 2;  // (j-tile, k-tile) with j-tile <= k-tile
+      rkd_angle_cols_kernel<acc_t><<<tile_pairs, threads, 0, stream>>>(args, B, mdata<acc_t>(P));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       loss.add_(loss_parts.sum(), double(wa));
     }
