@@ -114,7 +114,9 @@ _SKIPPED = (nn.ReLU, nn.ReLU6, nn.BatchNorm2d, nn.Dropout, nn.Identity)
 
 def _call_model(model: nn.Module, sample_input):
     device = first_device(model)
-    move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) and device is not None else t)
+
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) and device is not None else t
     if isinstance(sample_input, (tuple, list)):
         return model(*[move(t) for t in sample_input])
     return model(move(sample_input))

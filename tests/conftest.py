@@ -22,7 +22,8 @@ def _ops_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"kdfast-inductor-{_ops_digest()}"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"kdfast-inductor-{_ops_digest()}"))
 
 import pytest  # noqa: E402
 

@@ -44,7 +44,8 @@ def _logits():
 
 def _features():
     g = torch.Generator().manual_seed(1)
-    return ([torch.randn(3, 16, 9, 9, generator=g).requires_grad_(), torch.randn(3, 8, 5, 5, generator=g).requires_grad_()],
+    return ([torch.randn(3, 16, 9, 9, generator=g).requires_grad_(),
+             torch.randn(3, 8, 5, 5, generator=g).requires_grad_()],
             [torch.randn(3, 32, 9, 9, generator=g), torch.randn(3, 4, 5, 5, generator=g)])
 
 

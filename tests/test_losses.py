@@ -31,7 +31,8 @@ def compare(kd_loss, fa_loss, inputs, student_keys, tol=2e-5, floor=1e-30):
         kwargs = {**inputs, **leaves}
         value = fn(**kwargs)
         value.backward()
-        grads = [g.grad for k in student_keys for g in (leaves[k].values() if isinstance(leaves[k], dict) else [leaves[k]])]
+        grads = [g.grad for k in student_keys
+                 for g in (leaves[k].values() if isinstance(leaves[k], dict) else [leaves[k]])]
         return value.detach(), grads
 
     value, grads = run(kd_loss)

@@ -5,7 +5,8 @@ import torch
 import kdfast
 from kdfast import functional as KF
 from kdfast.ops import softmax_kl as op
-from helpers import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params, kernel_backends
+from helpers import (DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params,
+                     kernel_backends)
 
 CASES = [  # (shape, dim): odd vocabularies, [B, T, V], segmentation [B, C, H, W] with dim=1
     ((41, 1271), -1),

@@ -9,7 +9,6 @@ cache), and peak extra memory. Needs matplotlib.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 
 
