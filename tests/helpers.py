@@ -1,6 +1,8 @@
 """Helpers shared by kdfast's tests: the tolerance table, the backends to test, float64
 comparisons and the torch.compile check. (pytest puts tests/ on sys.path: ``from helpers
 import ...``.)"""
+import os
+
 import pytest
 import torch
 
@@ -73,3 +75,34 @@ def assert_compiled_matches_eager(loss_fn, students: list, others: list, backend
     assert_close(compiled[0], eager[0], tol, "loss")
     for c, e in zip(compiled[1], eager[1]):
         assert_close(c, e, tol, "grad")
+
+
+def write_digit_images(folder, names):
+    """Small real images (scikit-learn's digits) under the given file names."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray((images[i] * 15).astype(np.uint8), mode="L").save(folder / name)
+    return folder
+
+
+def offline_tutorial_env(tmp_path) -> dict:
+    """The environment in which fasterai's tutorial runs offline: untar_data(URLs.PETS)
+    finds a local oxford-iiit-pet folder (24 small images, cats named with a capital as in
+    PETS), torchvision finds resnet34 weights in its cache (random ones, saved there), and
+    kdfast is this checkout's."""
+    from torchvision.models import ResNet34_Weights, resnet34
+
+    home = tmp_path / "fastai_home"
+    names = [f"{'Persian' if i % 2 else 'beagle'}_{i}.png" for i in range(24)]
+    write_digit_images(home / "data" / "oxford-iiit-pet" / "images", names)
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save(resnet34().state_dict(), checkpoints / os.path.basename(ResNet34_Weights.IMAGENET1K_V1.url))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "FASTAI_HOME": str(home), "TORCH_HOME": str(tmp_path / "torch_home"),
+            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONWARNINGS": "ignore"}
