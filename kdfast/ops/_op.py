@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -120,13 +121,13 @@ class FusedOp:
     ``torch.library`` op (``torch.ops.kdfast.<name>``)."""
 
     def __init__(self, name: str, fn: Callable, grads: Sequence[str], mutates_args: Sequence[str]):
-        self.fn = fn
-        self.custom_op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
-        arguments = self.custom_op._opoverload._schema.arguments
-        names = [a.name for a in arguments]
+        names = list(inspect.signature(fn).parameters)
         unknown = [g for g in grads if g not in names]
         if unknown:
-            raise TypeError(f"{name}: grads names {unknown}, which are not arguments of the op ({', '.join(names)})")
+            raise TypeError(f"{name}: grads names {unknown}, not arguments of the op ({', '.join(names)})")
+        self.name, self.fn = name, fn
+        self.custom_op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
+        arguments = self.custom_op._opoverload._schema.arguments
         self._arity = len(arguments)
         self._inputs = collections.namedtuple(f"{fn.__name__}_inputs", names)
         self._lists = tuple(i for i, a in enumerate(arguments) if isinstance(a.type, torch.ListType))
@@ -140,7 +141,7 @@ class FusedOp:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         """``backward(ctx, grad_loss)`` -> the gradients of the inputs named in ``grads``."""
-        name, lists, grad_positions, arity = self.custom_op._name, self._lists, self._grads, self._arity
+        name, lists, grad_positions, arity = self.name, self._lists, self._grads, self._arity
         compute_grad_at, named_inputs = self._compute_grad, self._inputs
 
         def setup(ctx, inputs, output):
@@ -155,8 +156,7 @@ class FusedOp:
             grads = [None] * arity
             if grad_loss is not None:  # else no gradient reached the loss
                 if compute_grad_at is not None and not ctx.kdfast_compute_grad:
-                    raise RuntimeError(f"kdfast: {name} was called with compute_grad=False and cannot "
-                                       f"backpropagate")
+                    raise RuntimeError(f"{name} was called with compute_grad=False and cannot backpropagate")
                 found = backward(ctx, grad_loss)
                 for i, g in zip(grad_positions, (found,) if len(grad_positions) == 1 else found):
                     grads[i] = g
