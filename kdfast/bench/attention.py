@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Floor, kdfast_backends
+from .harness import Case, Floor, fwd_bwd, kdfast_backends
 from .peers import fasterai_attention
 
 import kdfast
@@ -21,27 +21,19 @@ def _inputs(batch, pairs, dtype, device, seed=0):
     return fs, ft
 
 
-def _fwd_bwd(loss_fn, fs, ft):
-    def run():
-        for f in fs:
-            f.grad = None
-        loss_fn(fs, ft).backward()
-    return run
-
-
 def _providers(batch, pairs, dtype, device):
     def eager():
-        return _fwd_bwd(fasterai_attention, *_inputs(batch, pairs, dtype, device))
+        return fwd_bwd(fasterai_attention, *_inputs(batch, pairs, dtype, device))
 
     def compiled():
-        return _fwd_bwd(torch.compile(fasterai_attention), *_inputs(batch, pairs, dtype, device))
+        return fwd_bwd(torch.compile(fasterai_attention), *_inputs(batch, pairs, dtype, device))
 
     def kdfast_backend(name):
         def build():
             def loss(fs, ft):
                 with kdfast.use_backend(name):
                     return attention_transfer(fs, ft)
-            return _fwd_bwd(loss, *_inputs(batch, pairs, dtype, device))
+            return fwd_bwd(loss, *_inputs(batch, pairs, dtype, device))
         return build
 
     providers = {"fasterai-eager": eager, "torch-compile": compiled}

@@ -132,7 +132,8 @@ def time_runner(run: Runner, device: str, warmup: int, repeat: int) -> list[floa
 
 
 def peak_extra_memory(run: Runner, device: str) -> int | None:
-    """Peak bytes allocated by one call beyond what existed before it."""
+    """Peak bytes allocated by one call beyond what existed before it (outputs included:
+    the runners of fwd_bwd start without a gradient)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -323,11 +324,16 @@ def kdfast_backends(kernels, device: str, with_torch: bool = True) -> list[str]:
             and not (b == "triton" and device == "cpu")]
 
 
-def fwd_bwd(loss_fn: Callable[..., torch.Tensor], student: torch.Tensor, *args, **kwargs) -> Runner:
-    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student``."""
+def fwd_bwd(loss_fn: Callable[..., torch.Tensor], student, *args, **kwargs) -> Runner:
+    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student`` (a
+    tensor, or a list of them). The gradient is dropped at the end of the call, so that
+    each call starts without one: its peak extra memory counts the gradient it writes."""
+    students = student if isinstance(student, (list, tuple)) else [student]
+
     def run():
-        student.grad = None
         loss_fn(student, *args, **kwargs).backward()
+        for s in students:
+            s.grad = None
     return run
 
 
