@@ -50,7 +50,8 @@ def plot_results(path: str) -> list[str]:
         copy_gbps = None
         for provider, rows in sorted(providers.items()):
             x = [r["shape"][sweep] for r in rows]
-            style = dict(marker="o", linewidth=2.2 if provider.startswith("kdfast") else 1.2, label=provider)
+            ours = provider.startswith("kdfast")
+            style = dict(marker="o", linewidth=2.2 if ours else 1.2, zorder=3 if ours else 2, label=provider)
             ax_time.plot(x, [r["median_ms"] for r in rows], **style)
             if all("effective_gbps" in r for r in rows):
                 ax_gbps.plot(x, [r["effective_gbps"] for r in rows], **style)
