@@ -53,22 +53,21 @@ def plot(path: str) -> int:
 
 
 def collect_cases(names: list[str], device: str, quick: bool, sweeps: bool) -> list[tuple[list, tuple[int, int]]]:
-    """(cases, (warmup, repeat)) per family and kind: the cases with floors at full
-    repeats, then the sweeps at fewer."""
+    """(cases, (warmup, repeat)) per family and kind: every family's cases with floors at
+    full repeats first (a run cut short still has them), then the sweeps at fewer."""
     if quick:
         full = small = (1, 3)
     else:
         full, small = ((3, 11), (1, 5)) if device == "cpu" else ((5, 25), (2, 10))
-    plan = []
+    modules = []
     for name in names or FAMILIES:
         try:
-            module = importlib.import_module(f"kdfast.bench.{name}")
+            modules.append(importlib.import_module(f"kdfast.bench.{name}"))
         except ImportError as e:  # e.g. fastai is not installed on this machine
             print(f"{name}: skipped ({e})")
-            continue
-        plan.append((module.cases(device, quick), full))
-        if sweeps and hasattr(module, "sweep"):
-            plan.append((module.sweep(device, quick), small))
+    plan = [(module.cases(device, quick), full) for module in modules]
+    if sweeps:
+        plan += [(module.sweep(device, quick), small) for module in modules if hasattr(module, "sweep")]
     return plan
 
 
