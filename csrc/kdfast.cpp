@@ -65,10 +65,11 @@ TORCH_LIBRARY(kdfast_C, m) {
   m.def("build_info() -> str", &kdfast::build_info);
   // Fused temperature-softmax KL (csrc/softmax_kl_math.h). Returns the T^2-scaled loss of
   // every row (rows: the input's shape without `dim`, opmath dtype) and, when compute_grad,
-  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float32 tensor.
+  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float64 tensor on s's
+  // device. decoupled: DecoupledKD, row loss T^2 (alpha TCKD + beta NCKD) (needs target).
   m.def(
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
-      "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
+      "int ignore_index, float alpha, float beta, bool decoupled, "
       "bool compute_grad) -> (Tensor, Tensor)");
   // The CUDA kernels' launch plan (csrc/softmax_kl_plan.h), for tests on any machine.
   m.def("softmax_kl_launch_plan(int V, int elem_size, bool acc_double, bool vec, int[] limits) -> (int[], str)",
@@ -82,8 +83,9 @@ TORCH_LIBRARY(kdfast_C, m) {
   // S = dL/dG_s + dL/dG_s^T [B, B] (else an empty tensor): dL/dE_s = S E_s.
   // RKD: weighted distance + angle on the Gram of centred embeddings; pairs with
   // d2 <= tol (G_ii + G_jj) count as duplicate samples.
-  m.def("rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
-        "bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
+      "bool compute_grad) -> (Tensor, Tensor)");
   m.def("pkt_gram(Tensor G_s, Tensor G_t, float eps, bool compute_grad) -> (Tensor, Tensor)");
   m.def("similarity_gram(Tensor G_s, Tensor G_t, float p, bool compute_grad) -> (Tensor, Tensor)");
   // Fused attention transfer over layer pairs (csrc/attention_math.h); all maps of a call

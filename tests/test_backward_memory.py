@@ -17,7 +17,7 @@ from kdfast import functional as KF
 from kdfast.ops.attention import KERNELS as ATTENTION_KERNELS
 from kdfast.ops.relational import KERNELS as RELATIONAL_KERNELS
 from kdfast.ops.softmax_kl import KERNELS as SOFTMAX_KL_KERNELS
-from conftest import kernel_backends
+from helpers import kernel_backends
 
 
 class NewTensorSpy(TorchDispatchMode):
@@ -44,7 +44,8 @@ def _logits():
 
 def _features():
     g = torch.Generator().manual_seed(1)
-    return ([torch.randn(3, 16, 9, 9, generator=g).requires_grad_(), torch.randn(3, 8, 5, 5, generator=g).requires_grad_()],
+    return ([torch.randn(3, 16, 9, 9, generator=g).requires_grad_(),
+             torch.randn(3, 8, 5, 5, generator=g).requires_grad_()],
             [torch.randn(3, 32, 9, 9, generator=g), torch.randn(3, 4, 5, 5, generator=g)])
 
 

@@ -5,9 +5,9 @@ import torch
 import kdfast
 from kdfast import functional as KF
 from kdfast.ops import softmax_kl as op
-from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
+from helpers import (DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params,
+                     kernel_backends)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [  # (shape, dim): odd vocabularies, [B, T, V], segmentation [B, C, H, W] with dim=1
     ((41, 1271), -1),
     ((3, 2), 1),
@@ -19,13 +19,7 @@ CASES = [  # (shape, dim): odd vocabularies, [B, T, V], segmentation [B, C, H, W
 LAYOUTS = ["contiguous", "strided", "permuted"]
 
 
-def params(device):
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return [pytest.param(device, b, marks=marks, id=f"{device}-{b}")
-            for b in kernel_backends(device, op.KERNELS)]
-
-
-BACKENDS = [p for d in DEVICES for p in params(d)]
+BACKENDS = backend_params(op.KERNELS)
 
 
 def make(shape, dtype, device, layout="contiguous", scale=3.0, seed=0):
