@@ -1,5 +1,5 @@
-// Shared helpers of kdfast's C++ and CUDA sources: argument checks and the
-// [A, V, I] view every softmax-style kernel works on.
+// Shared helpers of kdfast's C++ and CUDA sources: argument checks, typed data pointers
+// and the [A, V, I] view every softmax-style kernel works on.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -12,6 +12,17 @@
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace kdfast {
+
+// Typed data pointers, read-only and writable.
+template <typename T>
+const T* cdata(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+template <typename T>
+T* mdata(const at::Tensor& t) {
+  return t.mutable_data_ptr<T>();
+}
 
 // A tensor seen as [A, V, I] around its class dim: rows are the (a, i) pairs and a row's
 // V classes lie `stride_v` elements apart. Leading dims merge into A, trailing into I.

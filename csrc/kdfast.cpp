@@ -63,14 +63,14 @@ std::tuple<std::vector<int64_t>, std::string> softmax_kl_launch_plan(int64_t V, 
 
 TORCH_LIBRARY(kdfast_C, m) {
   m.def("build_info() -> str", &kdfast::build_info);
-  // Fused temperature-softmax divergence (csrc/softmax_kl_math.h): forward KL (with
-  // decoupled: DecoupledKD), reverse_kl, jsd (jsd_beta in (0, 1)) or tvd. Returns the scaled
-  // loss of every row (T^2; T for tvd; rows: the input's shape without `dim`, opmath dtype)
-  // and, when compute_grad, d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim
-  // float64 tensor.
+  // Fused temperature-softmax divergence (csrc/softmax_kl_math.h): forward KL (decoupled:
+  // DecoupledKD, row loss T^2 (alpha TCKD + beta NCKD), needs target), reverse_kl, jsd
+  // (jsd_beta in (0, 1)) or tvd. Returns the scaled loss of every row (T^2; T for tvd; rows:
+  // the input's shape without `dim`, opmath dtype) and, when compute_grad,
+  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float64 tensor on s's device.
   m.def(
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
-      "int ignore_index, float tckd_weight, float nckd_weight, bool decoupled, "
+      "int ignore_index, float alpha, float beta, bool decoupled, "
       "bool compute_grad, str divergence=\"forward_kl\", float jsd_beta=0.5) -> (Tensor, Tensor)");
   // The same against a sparse (top-k) teacher: s [..., V] (classes last), indices [..., k]
   // int64 and the teacher's log-probabilities [..., k] in s's accumulation dtype; renormalize
@@ -91,8 +91,9 @@ TORCH_LIBRARY(kdfast_C, m) {
   // S = dL/dG_s + dL/dG_s^T [B, B] (else an empty tensor): dL/dE_s = S E_s.
   // RKD: weighted distance + angle on the Gram of centred embeddings; pairs with
   // d2 <= tol (G_ii + G_jj) count as duplicate samples.
-  m.def("rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
-        "bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "rkd_gram(Tensor G_s, Tensor G_t, float dist_weight, float angle_weight, float tol, "
+      "bool compute_grad) -> (Tensor, Tensor)");
   m.def("pkt_gram(Tensor G_s, Tensor G_t, float eps, bool compute_grad) -> (Tensor, Tensor)");
   m.def("similarity_gram(Tensor G_s, Tensor G_t, float p, bool compute_grad) -> (Tensor, Tensor)");
   // Fused attention transfer over layer pairs (csrc/attention_math.h); all maps of a call

@@ -16,7 +16,10 @@ namespace kdfast {
 // Rows: a row's classes are contiguous (stride_v == 1); one worker per row.
 // Columns: rows are contiguous (stride_i == 1), e.g. [B, C, H, W] with dim=1; a worker
 // takes a few neighbouring rows and walks their classes together.
-enum class KernelLayout { Rows, Columns };
+enum class KernelLayout {
+  Rows,
+  Columns,
+};
 
 inline bool fits_layout(const ClassDimView& v, KernelLayout layout) {
   return v.ok && (layout == KernelLayout::Rows ? v.stride_v == 1 : v.stride_i == 1);

@@ -147,7 +147,12 @@ KDFAST_HD SoftmaxKLRowResult<acc_t> softmax_kl_finish_row(
 // The student row is read once for its statistics (bucket) and once for the gradient; the
 // teacher is read in O(k).
 
-enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
+enum class Divergence : int {
+  ForwardKL = 0,
+  ReverseKL = 1,
+  JSD = 2,
+  TVD = 3,
+};
 
 // Elementwise operations on acc_t scalars; csrc/cpu/vec.h has the same for vectors of
 // lanes (VecOps), so that divergence_terms serves the CPU's vector loops, the CPU's and the

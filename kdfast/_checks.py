@@ -56,6 +56,16 @@ def check_temperature(T, op: str) -> float:
     return float(T)
 
 
+def check_power(p, op: str, what: str = "") -> float:
+    """The one rule for an exponent or norm ``p`` (attention maps, similarity's row norm):
+    a finite number > 0, or a one-element tensor holding one."""
+    if isinstance(p, torch.Tensor) and p.numel() == 1:
+        p = p.item()
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"{op}: p must be a number > 0{what}, got {p!r}")
+    return float(p)
+
+
 def check_reduction(reduction: str, op: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
@@ -173,6 +183,58 @@ def check_topk_indices(indices: torch.Tensor, num_classes: int, dim: int, name: 
                          f"must be distinct")
 
 
+def check_decoupled(logits: torch.Tensor, target, dim: int, op: str) -> int:
+    """DecoupledKD's extra requirements: labels, and at least 2 classes along ``dim``
+    (already checked). Returns the number of classes."""
+    if target is None:
+        raise ValueError(f"{op}: DecoupledKD requires `target` labels. Use SoftTarget for label-free distillation.")
+    num_classes = logits.shape[dim]
+    if num_classes < 2:
+        raise ValueError(f"{op}: logits of shape {tuple(logits.shape)} have {num_classes} class along "
+                         f"dim={dim}; decoupling target and non-target classes needs at least 2")
+    return num_classes
+
+
+def check_feature_maps(name_s: str, f_s, name_t: str, f_t, pool: bool, op: str) -> bool:
+    """One attention-transfer layer pair: maps [B, C, *spatial] on one device, one batch.
+    Returns whether they need pooling to one spatial size (allowed by ``pool``)."""
+    check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
+    for name, f in ((name_s, f_s), (name_t, f_t)):
+        if f.dim() < 3:
+            raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
+                             f"(or [B, C, *spatial]) to build spatial attention")
+    if f_s.shape[2:] == f_t.shape[2:]:
+        return False
+    if not pool:
+        raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
+                         f"pair layers of the same resolution (kdfast.layers.match_feature_layers finds them), "
+                         f"or pass pool=True to average-pool the larger map to the smaller one's size")
+    if f_s.dim() != f_t.dim() or f_s.dim() > 5:
+        raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
+                         f"{name_s} {tuple(f_s.shape)} and {name_t} {tuple(f_t.shape)}")
+    return True
+
+
+def check_map_lists(f_s, f_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """attention_transfer's f_s, f_t: one pair of maps, or equally long lists of them,
+    as named pairs (names for errors)."""
+    if isinstance(f_s, torch.Tensor) or isinstance(f_t, torch.Tensor):
+        return [("f_s", f_s, "f_t", f_t)]
+    f_s, f_t = list(f_s), list(f_t)
+    if len(f_s) != len(f_t) or not f_s:
+        raise ValueError(f"{op}: {len(f_s)} student maps and {len(f_t)} teacher maps; pass one teacher map per "
+                         f"student map (at least one pair)")
+    return [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
+
+
+def check_embeddings(e_s, e_t, op: str) -> None:
+    """Relational losses: student and teacher embeddings [B, ...] of one batch of >= 2."""
+    check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
+    if e_s.shape[0] < 2:
+        raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
+                         f"each other and need a batch of at least 2")
+
+
 def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
     """Pair hooked activations in order: fasterai's ``zip(fm_s, fm_t)`` with clear errors."""
     for name, fm in (("fm_s", fm_s), ("fm_t", fm_t)):
@@ -192,3 +254,23 @@ def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str,
     if not items_s:
         raise ValueError(f"{op}: fm_s and fm_t are empty; no layers were hooked (check the layer names)")
     return [(ks, vs, kt, vt) for (ks, vs), (kt, vt) in zip(items_s, items_t)]
+
+
+def check_callback_arguments(teacher, loss, weight, schedule, student_names: list, teacher_names: list) -> None:
+    """KnowledgeDistillationCallback's arguments (layer names are resolved separately)."""
+    op = "KnowledgeDistillationCallback"
+    if not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"{op}: teacher must be an nn.Module (e.g. teacher_learner.model), got "
+                        f"{type(teacher).__name__}")
+    if not callable(loss):
+        raise TypeError(f"{op}: loss must be a distillation loss (SoftTarget, Attention, ...) or a function "
+                        f"loss(pred=, teacher_pred=, fm_s=, fm_t=, target=), got {loss!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"{op}: weight must be a number (the blend is (1-w)·loss + w·KD), got {weight!r}")
+    if schedule is not None and not (hasattr(schedule, "progress") or callable(schedule)):
+        raise TypeError(f"{op}: schedule must be a Schedule (cos, lin, ...) or a function of pct_train, got "
+                        f"{schedule!r}")
+    if len(student_names) != len(teacher_names):
+        raise ValueError(f"{op}: {len(student_names)} student layer(s) {student_names} but {len(teacher_names)} "
+                         f"teacher layer(s) {teacher_names}; pass one teacher layer per student layer, in "
+                         f"matching order (match_feature_layers finds pairs)")

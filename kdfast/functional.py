@@ -11,8 +11,6 @@ student's is 0 the KL is ``+inf``. A ``+inf`` logit has no softmax: NaN.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _checks as checks
@@ -134,47 +132,15 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     Rows whose target is ``ignore_index`` are left out, as in :func:`soft_target_kl`.
     """
     op = "decoupled_kd"
-    if target is None:
-        raise ValueError(f"{op}: DecoupledKD requires `target` labels. Use SoftTarget for label-free distillation.")
     checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
     dim = checks.check_dim(student_logits, dim, op, "student_logits")
-    num_classes = student_logits.shape[dim]
-    if num_classes < 2:
-        raise ValueError(f"{op}: logits of shape {tuple(student_logits.shape)} have {num_classes} class along "
-                         f"dim={dim}; decoupling target and non-target classes needs at least 2")
+    num_classes = checks.check_decoupled(student_logits, target, dim, op)
     T = checks.check_temperature(T, op)
     checks.check_reduction(reduction, op)
     target = checks.check_target(target, student_logits, dim, op, ignore_index, num_classes)
     return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
                            ignore_index=ignore_index, decoupled=True, alpha=float(alpha), beta=float(beta),
                            normalize=bool(normalize), op=op)
-
-
-def _attention_pair(name_s, f_s, name_t, f_t, pool, op):
-    """One validated (and, with pool, size-matched) layer pair."""
-    checks.check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
-    for name, f in ((name_s, f_s), (name_t, f_t)):
-        if f.dim() < 3:
-            raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
-                             f"(or [B, C, *spatial]) to build spatial attention")
-    if f_s.shape[2:] == f_t.shape[2:]:
-        return f_s, f_t
-    if not pool:
-        raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
-                         f"pair layers of the same resolution (kdfast.fastai.match_feature_layers finds them), "
-                         f"or pass pool=True to average-pool the larger map to the smaller one's size")
-    if f_s.dim() != f_t.dim() or f_s.dim() > 5:
-        raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
-                         f"{name_s} {tuple(f_s.shape)} and {name_t} {tuple(f_t.shape)}")
-    return _attention.pool_to_match(f_s, f_t)
-
-
-def _check_power(p, op):
-    if isinstance(p, torch.Tensor) and p.numel() == 1:
-        p = p.item()
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
-        raise ValueError(f"{op}: p must be a number > 0, got {p!r}")
-    return float(p)
 
 
 def attention_transfer(f_s, f_t, p: float = 2, pool: bool = False) -> torch.Tensor:
@@ -188,30 +154,15 @@ def attention_transfer(f_s, f_t, p: float = 2, pool: bool = False) -> torch.Tens
     to the smaller one's size (adaptive average pooling, as RepDistiller does).
     """
     op = "attention_transfer"
-    p = _check_power(p, op)
-    if isinstance(f_s, torch.Tensor) or isinstance(f_t, torch.Tensor):
-        pairs = [("f_s", f_s, "f_t", f_t)]
-    else:
-        f_s, f_t = list(f_s), list(f_t)
-        if len(f_s) != len(f_t) or not f_s:
-            raise ValueError(f"{op}: {len(f_s)} student maps and {len(f_t)} teacher maps; pass one teacher "
-                             f"map per student map (at least one pair)")
-        pairs = [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
-    return _attention_transfer_layers(pairs, p, pool, op)
+    return _attention_transfer_layers(checks.check_map_lists(f_s, f_t, op), p, pool, op)
 
 
 def _attention_transfer_layers(pairs, p: float, pool: bool, op: str) -> torch.Tensor:
     """attention_transfer over named pairs ``(name_s, f_s, name_t, f_t)`` (names for errors)."""
-    p = _check_power(p, op)
-    matched = [_attention_pair(ns, s, nt, t, pool, op) for ns, s, nt, t in pairs]
+    p = checks.check_power(p, op)
+    matched = [_attention.pool_to_match(s, t) if checks.check_feature_maps(ns, s, nt, t, pool, op) else (s, t)
+               for ns, s, nt, t in pairs]
     return _attention.attention_transfer_pairs(matched, p, op)
-
-
-def _check_embeddings(e_s, e_t, op):
-    checks.check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
-    if e_s.shape[0] < 2:
-        raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
-                         f"each other and need a batch of at least 2")
 
 
 def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
@@ -219,21 +170,21 @@ def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
     """Relational KD (Park et al. 2019): ``dist_weight·L_distance + angle_weight·L_angle`` on
     embeddings [B, ...] (flattened; student and teacher widths may differ), both terms from
     one Gram matrix per model. A term of weight 0 is not computed."""
-    _check_embeddings(e_s, e_t, "rkd")
+    checks.check_embeddings(e_s, e_t, "rkd")
     return _relational.rkd_loss(e_s, e_t, float(dist_weight), float(angle_weight))
 
 
 def rkd_distance(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     """RKD distance loss (Park et al. 2019) on embeddings [B, ...] (flattened); student and
     teacher widths may differ."""
-    _check_embeddings(e_s, e_t, "rkd_distance")
+    checks.check_embeddings(e_s, e_t, "rkd_distance")
     return _relational.rkd_loss(e_s, e_t, 1.0, 0.0, op="rkd_distance")
 
 
 def rkd_angle(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     """RKD angle loss (Park et al. 2019) on embeddings [B, ...] (flattened), from the Gram
     matrix: memory O(B² + B·D), not the reference's [B, B, D]."""
-    _check_embeddings(e_s, e_t, "rkd_angle")
+    checks.check_embeddings(e_s, e_t, "rkd_angle")
     return _relational.rkd_loss(e_s, e_t, 0.0, 1.0, op="rkd_angle")
 
 
@@ -241,14 +192,13 @@ def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor
     """Probabilistic knowledge transfer (Passalis & Tefas 2018) on embeddings [B, ...].
     As in the canonical code, a sample whose embedding holds a NaN or infinite value counts
     as a zero vector."""
-    _check_embeddings(e_s, e_t, "pkt")
+    checks.check_embeddings(e_s, e_t, "pkt")
     return _relational.pkt_loss(e_s, e_t, eps)
 
 
 def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori 2019) as fasterai computes it: MSE between the
     row-normalised (p-norm) Gram matrices of the flattened features."""
-    _check_embeddings(f_s, f_t, "similarity_preserving")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-        raise ValueError(f"similarity_preserving: p must be a number > 0 (the norm of the Gram rows), got {p!r}")
-    return _relational.similarity_preserving_loss(f_s, f_t, p)
+    op = "similarity_preserving"
+    checks.check_embeddings(f_s, f_t, op)
+    return _relational.similarity_preserving_loss(f_s, f_t, checks.check_power(p, op, " (the norm of the Gram rows)"))

@@ -22,16 +22,12 @@ from torch import nn
 
 from . import _checks as checks
 from . import functional as KF
+from ._dtypes import acc_dtype
 
 __all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", "ReverseKL", "JSD", "TVD",
            "Attention", "ActivationBoundaries", "FitNet", "Similarity", "RKD", "PKT"]
 
 _INPUTS = frozenset({"pred", "teacher_pred", "fm_s", "fm_t", "target"})
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    """Low-precision features are reduced in float32 (float64 stays float64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class DistillationLoss(nn.Module):
@@ -188,7 +184,7 @@ class ActivationBoundaries(DistillationLoss):
         m = self.m
         positive = (s + m).pow(2) * ((s > -m) & (t <= 0)).to(s.dtype)
         negative = (s - m).pow(2) * ((s <= m) & (t > 0)).to(s.dtype)
-        return (positive + negative).mean(dtype=_acc(s))
+        return (positive + negative).mean(dtype=acc_dtype(s.dtype))
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "ActivationBoundaries", self._pair)
@@ -200,7 +196,7 @@ class FitNet(DistillationLoss):
     @staticmethod
     def _pair(s, t):
         checks.check_pair(s, t, "FitNet", "fm_s", "fm_t")
-        return (s - t.detach()).pow(2).mean(dtype=_acc(s))  # mse_loss, accumulated in fp32
+        return (s - t.detach()).pow(2).mean(dtype=acc_dtype(s.dtype))  # mse_loss, accumulated in fp32
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "FitNet", self._pair)

@@ -426,7 +426,7 @@ def bench(run: Run) -> None:
         run.say(f"== benchmarks: not run ({budget:.0f} s left)")
         return
     run.say(f"== benchmarks: {' '.join(families)} ({budget:.0f} s)")
-    command = [sys.executable, "-m", "bench", *families, "--out", str(results)]
+    command = [sys.executable, "-m", "kdfast.bench", *families, "--no-sweep", "--out", str(results)]
     if run.args.dry_run:
         command += ["--quick", "--device", "cpu"]
     started = time.monotonic()

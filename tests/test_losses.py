@@ -4,12 +4,11 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kdfast
 from kdfast import losses as L
-from bench.peers import canonical_pkt, canonical_rkd
-from conftest import assert_close, kernel_backends
+from kdfast.bench.peers import canonical_pkt, canonical_rkd
+from helpers import assert_close, kernel_backends
 
 fl = pytest.importorskip("fasterai.distill.losses")
 
@@ -32,7 +31,8 @@ def compare(kd_loss, fa_loss, inputs, student_keys, tol=2e-5, floor=1e-30):
         kwargs = {**inputs, **leaves}
         value = fn(**kwargs)
         value.backward()
-        grads = [g.grad for k in student_keys for g in (leaves[k].values() if isinstance(leaves[k], dict) else [leaves[k]])]
+        grads = [g.grad for k in student_keys
+                 for g in (leaves[k].values() if isinstance(leaves[k], dict) else [leaves[k]])]
         return value.detach(), grads
 
     value, grads = run(kd_loss)
@@ -167,7 +167,7 @@ def test_rkd_weights():
 
 def test_benchmark_peers_are_fasterai():
     """The eager formulas the benchmarks time (bench/peers.py) are fasterai's losses."""
-    from bench.peers import fasterai_attention, fasterai_similarity, fasterai_soft_target
+    from kdfast.bench.peers import fasterai_attention, fasterai_similarity, fasterai_soft_target
     s, t = randn(16, 10, seed=1, scale=3), randn(16, 10, seed=2, scale=3)
     assert_close(fasterai_soft_target(s, t, T=4.0), fl.SoftTarget(s, t, T=4.0), 1e-6)
     fm_s, fm_t = features([3, 5], seed=10), features([6, 2], seed=20)

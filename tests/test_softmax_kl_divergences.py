@@ -9,9 +9,9 @@ import torch
 import kdfast
 from kdfast import functional as KF
 from kdfast.ops import softmax_kl as op
-from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
+from helpers import (DEVICES, DTYPES, LOSS_TOLERANCE, TOLERANCE, NewTensorSpy, assert_close,
+                     assert_compiled_matches_eager, kernel_backends, make_logits)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FUNCTIONS = {"forward_kl": KF.soft_target_kl, "reverse_kl": KF.reverse_kl, "jsd": KF.jsd, "tvd": KF.tvd}
 
 
@@ -38,16 +38,7 @@ def loss_fn(divergence, beta):
     return (lambda s, t, **kw: fn(s, t, beta=beta, **kw)) if beta is not None else fn
 
 
-def make(shape, dtype=torch.float32, device="cpu", layout="contiguous", scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    if layout == "strided":  # every other element of a larger tensor along the last dim
-        big = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
-        big[..., ::2] = x
-        x = big[..., ::2]
-    elif layout == "permuted":  # same values, reversed memory order of the dims
-        x = x.permute(*reversed(range(x.dim()))).contiguous().permute(*reversed(range(x.dim())))
-    return x.to(device)
+make = make_logits
 
 
 def run(backend, fn, s, teacher, grad_out, **kw):
@@ -371,7 +362,6 @@ def test_topk_logits_matches_log_softmax_topk():
 
 
 def test_topk_logits_memory_is_one_chunk():
-    from test_backward_memory import NewTensorSpy
     t = make((64, 1000), seed=29)
     with NewTensorSpy(min_numel=8 * 1000 + 1) as spy:
         kdfast.topk_logits(t, 10, chunk_rows=8)
@@ -496,9 +486,9 @@ def test_bad_indices_are_caught_on_the_cpu(backend):
 
 
 def test_the_benchmarks_eager_formulas_are_these_losses():
-    """bench/peers.py's reverse KL and TVD compute what kdfast computes (a speed-up is always
+    """kdfast/bench/peers.py's reverse KL and TVD compute what kdfast computes (a speed-up is always
     measured against the same loss; JSD's peer is TRL's function: tests/test_trl.py)."""
-    from bench.peers import eager_reverse_kl, eager_tvd
+    from kdfast.bench.peers import eager_reverse_kl, eager_tvd
     s, t = make((6, 40), torch.float64, seed=50), make((6, 40), torch.float64, seed=51)
     with kdfast.use_backend("torch"):
         assert_close(eager_reverse_kl(s, t, 2.0), KF.reverse_kl(s, t, T=2.0), 1e-12, "reverse_kl")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import kdfast
 from kdfast.integrations.trl import generalized_jsd_loss
 from kdfast.ops import softmax_kl as op
-from conftest import assert_close, kernel_backends
+from helpers import assert_close, kernel_backends
 
 
 def _trl_function():
@@ -117,8 +117,8 @@ def test_bad_arguments_are_named():
 
 
 def test_the_benchmarks_peer_is_trls_function(trl_loss):
-    """bench/peers.py times TRL's formula as TRL writes it."""
-    from bench.peers import trl_generalized_jsd_loss
+    """kdfast/bench/peers.py times TRL's formula as TRL writes it."""
+    from kdfast.bench.peers import trl_generalized_jsd_loss
     s, t, labels = _inputs()
     for kw in ({}, {"labels": labels, "beta": 0.2, "temperature": 2.0}, {"beta": 1.0, "reduction": "sum"},
                {"beta": 0.0, "labels": labels, "num_items_in_batch": 7}, {"reduction": "none"}):

@@ -79,7 +79,8 @@ DivRow<acc_t> finish_stats(Divergence div, acc_t m_s, acc_t m_t, acc_t t_a, acc_
     r.a = divergence_grad_scale(div, T) * scale;
     const acc_t ls_a = -std::log(z_s), lt_a = (t_a - m_t) * inv_T - std::log(z_t);
     r.h_a = divergence_terms<ScalarOps<acc_t>>(div, lt_a - ls_a, std::exp(ls_a), std::exp(lt_a), beta,
-                                               acc_t(1) - beta).h;
+                                               acc_t(1) - beta)
+                .h;
   }
   return r;
 }
@@ -302,7 +303,8 @@ void divergence_columns(const SoftmaxKLProblem& p, double scale_d) {
         for (int64_t l = 0; l < K; ++l) lane[l].loss_part = divergence_loss_scale(div, T) * loss_l[l];
       }
       for (int64_t l = 0; l < n; ++l) {
-        row_loss[out0 + l * sv.row_stride_i] = ignored[l] != 0 ? acc_t(0) : lane[l].nan ? nan : lane[l].loss_part;
+        row_loss[out0 + l * sv.row_stride_i] = ignored[l] != 0 ? acc_t(0) : lane[l].nan ? nan
+                                                                                        : lane[l].loss_part;
       }
       if (!grad) continue;
       scalar_t* gb = grad + ai * gv.stride_a + i0;
@@ -453,7 +455,8 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         }
       }
       const acc_t h_a = divergence_terms<Ops>(div, lt_a - ls_a, std::exp(ls_a), std::exp(lt_a), beta,
-                                              one_minus_beta).h;
+                                              one_minus_beta)
+                            .h;
       const auto class_terms = [&](int64_t c, acc_t& ps) {
         const acc_t xs = static_cast<acc_t>(sr[ir[c]]) - ref, xt = lr[c] - ref_t;
         ps = std::exp(xs * inv_T - log_z);

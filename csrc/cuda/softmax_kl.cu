@@ -560,7 +560,8 @@ __device__ DivFinish<acc_t> div_finish(const Params<scalar_t, acc_t>& p, const D
     f.a = divergence_grad_scale(p.div, p.T) * scale;
     const acc_t ls_a = -::log(r.z_s), lt_a = (r.t_a - r.m_t) * p.inv_T - ::log(r.z_t);
     f.h_a = divergence_terms<CudaOps<acc_t>>(p.div, lt_a - ls_a, CudaOps<acc_t>::exp(ls_a), CudaOps<acc_t>::exp(lt_a),
-                                             p.jsd_beta, p.jsd_one_minus_beta).h;
+                                             p.jsd_beta, p.jsd_one_minus_beta)
+                .h;
   }
   return f;
 }

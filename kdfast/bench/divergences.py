@@ -1,5 +1,5 @@
 """The LLM divergences, forward + backward: JSD (beta = 0.5), reverse KL and TVD against
-their eager formulas (TRL's generalized_jsd_loss for JSD; bench/peers.py) and
+their eager formulas (TRL's generalized_jsd_loss for JSD; kdfast/bench/peers.py) and
 torch.compile of them; a top-k teacher (k = 64) against the dense teacher; on a GPU also
 Liger-Kernel's LigerJSD (on log-softmax outputs) where importable."""
 from __future__ import annotations
@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Floor, StoredRatio, fwd_bwd
-from bench.peers import eager_reverse_kl, eager_tvd, trl_generalized_jsd_loss
+from .harness import Case, Floor, StoredRatio, fwd_bwd, kdfast_backends
+from .peers import eager_reverse_kl, eager_tvd, trl_generalized_jsd_loss
 
 import kdfast
-from kdfast import _backend
 from kdfast import functional as KF
 from kdfast.ops.softmax_kl import KERNELS
 
@@ -24,11 +23,6 @@ def _inputs(n, v, dtype, device, seed=0):
     s = (torch.randn(n, v, device=device, dtype=torch.float32, generator=g) * 4).to(dtype).requires_grad_()
     t = (torch.randn(n, v, device=device, dtype=torch.float32, generator=g) * 4).to(dtype)
     return s, t
-
-
-def _kdfast_backends(device):
-    return [b for b in ("torch",) + _backend.BACKENDS[1:]
-            if _backend.unavailable_reason(b, device, KERNELS) is None and not (b == "triton" and device == "cpu")]
 
 
 def _providers(n, v, dtype, device, peer, kdfast_loss, liger_beta=None):
@@ -53,7 +47,7 @@ def _providers(n, v, dtype, device, peer, kdfast_loss, liger_beta=None):
         return build
 
     providers = {"eager": eager, "torch-compile": compiled}
-    for name in _kdfast_backends(device):
+    for name in kdfast_backends(KERNELS, device):
         providers[f"kdfast-{name}"] = kdfast_backend(name)
     if device == "cuda" and liger_beta is not None:
         try:
@@ -96,10 +90,9 @@ def _topk_providers(n, v, dtype, device):
         return build
 
     providers = {}
-    for name in _kdfast_backends(device):
-        if name != "torch":
-            providers[f"kdfast-{name}-dense"] = dense(name)
-            providers[f"kdfast-{name}-top{K}"] = sparse(name)
+    for name in kdfast_backends(KERNELS, device, with_torch=False):
+        providers[f"kdfast-{name}-dense"] = dense(name)
+        providers[f"kdfast-{name}-top{K}"] = sparse(name)
     return providers
 
 
