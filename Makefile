@@ -1,14 +1,24 @@
-# kdfast's commands. `make test` is what CI runs (.ci/run).
+# kdfast's commands. `make lint` and `make test` are what CI runs (.ci/run).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CXX_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py $(CXX_SOURCES)
 
-.PHONY: test build demo bench info gpu-check gpu-stack-check clean
+.PHONY: test lint format build demo bench info gpu-check gpu-stack-check clean
 
 test: $(VENV)/.built  ## build what changed and run the test suite
 	$(PY) -m pytest -q
+
+# ruff for Python (rules in pyproject.toml), clang-format for C++/CUDA (.clang-format): checks only.
+lint: $(VENV)/.installed  ## check the Python and C++/CUDA style
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(VENV)/.installed  ## apply clang-format, and ruff's safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 build: $(VENV)/.built
 

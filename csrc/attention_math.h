@@ -31,7 +31,10 @@ constexpr double kAttentionEps = 1e-12;  // F.normalize's default
 // How f^p is computed: p == 2 exactly (the default; f*f, gradient 2f) or any p > 0 with
 // torch.pow's semantics (negative f: a real result for integer p, NaN otherwise): integer
 // exponents up to kMaxIntPower by repeated squaring (a few multiplies), others through pow.
-enum class AttentionPower : int { Square = 0, General = 1 };
+enum class AttentionPower : int {
+  Square = 0,
+  General = 1,
+};
 
 inline AttentionPower attention_power(double p) {
   return p == 2.0 ? AttentionPower::Square : AttentionPower::General;
@@ -111,7 +114,7 @@ struct AttentionMapCoefs {
 
 template <typename acc_t>
 KDFAST_HD AttentionMapCoefs<acc_t> attention_map_coefs(const AttentionSampleNorms<acc_t>& nrm,
-                                                      acc_t dot_a_d, acc_t scale) {
+                                                       acc_t dot_a_d, acc_t scale) {
   AttentionMapCoefs<acc_t> c;
   c.coef_d = scale * nrm.inv_s;
   c.coef_a = nrm.s_above_eps ? -scale * nrm.inv_s * dot_a_d : acc_t(0);

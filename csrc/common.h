@@ -1,5 +1,5 @@
-// Shared helpers of kdfast's C++ and CUDA sources: argument checks and the
-// [A, V, I] view every softmax-style kernel works on.
+// Shared helpers of kdfast's C++ and CUDA sources: argument checks, typed data pointers
+// and the [A, V, I] view every softmax-style kernel works on.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -18,6 +18,17 @@ namespace kdfast {
 // CPU kernels pass empty_like_reused (csrc/cpu/memory.h).
 using EmptyLikeFn = at::Tensor (*)(const at::Tensor&);
 inline at::Tensor plain_empty_like(const at::Tensor& like) { return at::empty_like(like); }
+
+// Typed data pointers, read-only and writable.
+template <typename T>
+const T* cdata(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+template <typename T>
+T* mdata(const at::Tensor& t) {
+  return t.mutable_data_ptr<T>();
+}
 
 // A tensor seen as [A, V, I] around its class dim: rows are the (a, i) pairs and a row's
 // V classes lie `stride_v` elements apart. Leading dims merge into A, trailing into I.

@@ -4,6 +4,7 @@
 // (0-dim) and, when asked, S = dL/dG_s + (dL/dG_s)^T.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "common.h"
 #include "relational_math.h"
@@ -20,6 +21,20 @@ inline void check_grams(const at::Tensor& g_s, const at::Tensor& g_t, const char
   KDFAST_CHECK(g_s.scalar_type() == at::kFloat || g_s.scalar_type() == at::kDouble, op,
                ": Gram matrices are float32 or float64, got ", g_s.scalar_type());
   KDFAST_CHECK(g_s.device() == g_t.device(), op, ": student and teacher Grams on different devices");
+}
+
+// A checked call of a relational kernel: the Grams made contiguous, and S ([B, B], or
+// empty without compute_grad) for the kernel to fill.
+struct GramProblem {
+  at::Tensor gs, gt, S;
+  int64_t B;
+};
+
+inline GramProblem prepare_grams(const at::Tensor& g_s, const at::Tensor& g_t, bool compute_grad, const char* op) {
+  check_grams(g_s, g_t, op);
+  GramProblem g{g_s.contiguous(), g_t.contiguous(), at::Tensor(), g_s.size(0)};
+  g.S = compute_grad ? at::empty({g.B, g.B}, g.gs.options()) : at::empty({0}, g.gs.options());
+  return g;
 }
 
 }  // namespace kdfast

@@ -19,7 +19,10 @@ namespace kdfast {
 constexpr int64_t kSoftmaxKLCacheBudget = 100 * 1024;  // bytes of a row cached per block
 constexpr int kSoftmaxKLMaxCluster = 8;                 // portable thread-block cluster size
 
-enum class SoftmaxKLPath : int64_t { Columns = 0, RowsCached = 1, RowsUncached = 2, Cluster = 3 };
+enum class SoftmaxKLPath : int64_t { Columns = 0,
+                                     RowsCached = 1,
+                                     RowsUncached = 2,
+                                     Cluster = 3 };
 
 struct SoftmaxKLLimits {
   int64_t cc_major = 9;
@@ -93,10 +96,17 @@ inline SoftmaxKLPlan plan_softmax_kl_rows(int64_t V, int64_t elem_size, bool acc
 inline std::string softmax_kl_path_name(const SoftmaxKLPlan& plan, bool vec) {
   std::string name;
   switch (plan.path) {
-    case SoftmaxKLPath::Columns: return "columns";
-    case SoftmaxKLPath::RowsCached: name = "rows-cached"; break;
-    case SoftmaxKLPath::RowsUncached: name = "rows-uncached"; break;
-    case SoftmaxKLPath::Cluster: name = "cluster-" + std::to_string(plan.cluster); break;
+    case SoftmaxKLPath::Columns:
+      return "columns";
+    case SoftmaxKLPath::RowsCached:
+      name = "rows-cached";
+      break;
+    case SoftmaxKLPath::RowsUncached:
+      name = "rows-uncached";
+      break;
+    case SoftmaxKLPath::Cluster:
+      name = "cluster-" + std::to_string(plan.cluster);
+      break;
   }
   return vec ? name : name + "-scalar";
 }

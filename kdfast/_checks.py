@@ -56,6 +56,16 @@ def check_temperature(T, op: str) -> float:
     return float(T)
 
 
+def check_power(p, op: str, what: str = "") -> float:
+    """The one rule for an exponent or norm ``p`` (attention maps, similarity's row norm):
+    a finite number > 0, or a one-element tensor holding one."""
+    if isinstance(p, torch.Tensor) and p.numel() == 1:
+        p = p.item()
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"{op}: p must be a number > 0{what}, got {p!r}")
+    return float(p)
+
+
 def check_reduction(reduction: str, op: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
@@ -92,6 +102,139 @@ def check_target(target, logits: torch.Tensor, dim: int, op: str, ignore_index: 
     return target
 
 
+def check_beta(beta, op: str) -> float:
+    """The JSD interpolation weight: a number in [0, 1]."""
+    if isinstance(beta, torch.Tensor) and beta.numel() == 1:
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        raise ValueError(f"{op}: beta must be a number in [0, 1] (the teacher's weight in the mixture "
+                         f"m = beta·p_teacher + (1 - beta)·p_student; 0 is forward KL, 1 reverse KL), got {beta!r}")
+    return float(beta)
+
+
+def check_k(k, num_classes: int, op: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be a positive int (classes kept per row), got {k!r}")
+    if k > num_classes:
+        raise ValueError(f"{op}: k={k} is larger than the {num_classes} classes of a row; pass k <= {num_classes}")
+    return k
+
+
+def check_tail(tail, T: float, op: str) -> str:
+    """How a sparse teacher's missing mass is treated, and whether T can be applied to it."""
+    if tail not in ("bucket", "renormalize"):
+        raise ValueError(f"{op}: unknown tail {tail!r}; choose 'bucket' (the mass outside the top-k is one more "
+                         f"class) or 'renormalize' (both distributions restricted to the top-k)")
+    if tail == "bucket" and T != 1:
+        raise ValueError(f"{op}: T={T:g} with a TopK teacher and tail='bucket': the stored log-probabilities are "
+                         f"at T=1, and the tail's mass at another temperature is unknown. Use T=1, or "
+                         f"tail='renormalize' (re-tempers the stored top-k exactly, renormalised over them)")
+    return tail
+
+
+def check_topk(topk, student: torch.Tensor, dim: int, op: str, name: str = "teacher_logits"):
+    """A TopK teacher for ``student`` logits with the class dim ``dim``: (indices, logprobs)."""
+    indices, logprobs = topk
+    for part, x in (("indices", indices), ("logprobs", logprobs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name}.{part} must be a torch.Tensor, got {type(x).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name}.indices has dtype {indices.dtype}; class indices must be torch.int32 or "
+                        f"torch.int64 (kdfast.topk_logits makes them), e.g. indices.long()")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"{op}: {name}.logprobs has dtype {logprobs.dtype}; log-probabilities are floating "
+                        f"point (torch.float32 or torch.bfloat16)")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"{op}: {name}.indices has shape {_shape(indices)} and {name}.logprobs "
+                         f"{_shape(logprobs)}; they must match")
+    expected = student.shape[:dim] + (indices.shape[dim] if indices.dim() == student.dim() else -1,) + \
+        student.shape[dim + 1:]
+    if indices.dim() != student.dim() or indices.shape != expected:
+        raise ValueError(f"{op}: {name} has shape {_shape(indices)} for student_logits {_shape(student)}; a TopK "
+                         f"teacher has the logits' shape with the class dim (dim={dim}) of size k")
+    for part, x in (("indices", indices), ("logprobs", logprobs)):
+        if x.device != student.device:
+            raise ValueError(f"{op}: {name}.{part} is on {x.device} and student_logits on {student.device}")
+    check_k(indices.shape[dim], student.shape[dim], op)
+    if logprobs.device.type == "cpu" and not torch.compiler.is_compiling() and bool((logprobs > 0).any()):
+        raise ValueError(f"{op}: {name}.logprobs holds {float(logprobs.max()):g} > 0; log-probabilities are "
+                         f"<= 0 (these look like logits: kdfast.topk_logits(teacher_logits, k) makes a TopK)")
+    return indices, logprobs
+
+
+def check_topk_indices(indices: torch.Tensor, num_classes: int, dim: int, name: str = "teacher_logits") -> None:
+    """Every row's top-k indices in [0, num_classes) and distinct; eagerly, on the CPU only
+    (on a GPU this would wait for the device; the kernels give such a row a NaN loss).
+    The C++ CPU kernel checks the same as it reads them (the same errors)."""
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    rows = indices.movedim(dim, -1)
+    low, high = torch.aminmax(rows)
+    if int(low) < 0 or int(high) >= num_classes:
+        bad = int(low) if int(low) < 0 else int(high)
+        raise ValueError(f"{name}.indices holds class index {bad} outside [0, {num_classes}) for logits with "
+                         f"{num_classes} classes")
+    ordered = rows.sort(-1).values
+    repeated = ordered[..., 1:] == ordered[..., :-1]
+    if bool(repeated.any()):
+        row = int(repeated.any(-1).reshape(-1).nonzero()[0])
+        raise ValueError(f"{name}.indices repeats class {int(ordered[..., 1:][repeated][0])} in row {row} (rows "
+                         f"counted in order over the dims other than the class dim); the top-k classes of a row "
+                         f"must be distinct")
+
+
+def check_decoupled(logits: torch.Tensor, target, dim: int, op: str) -> int:
+    """DecoupledKD's extra requirements: labels, and at least 2 classes along ``dim``
+    (already checked). Returns the number of classes."""
+    if target is None:
+        raise ValueError(f"{op}: DecoupledKD requires `target` labels. Use SoftTarget for label-free distillation.")
+    num_classes = logits.shape[dim]
+    if num_classes < 2:
+        raise ValueError(f"{op}: logits of shape {tuple(logits.shape)} have {num_classes} class along "
+                         f"dim={dim}; decoupling target and non-target classes needs at least 2")
+    return num_classes
+
+
+def check_feature_maps(name_s: str, f_s, name_t: str, f_t, pool: bool, op: str) -> bool:
+    """One attention-transfer layer pair: maps [B, C, *spatial] on one device, one batch.
+    Returns whether they need pooling to one spatial size (allowed by ``pool``)."""
+    check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
+    for name, f in ((name_s, f_s), (name_t, f_t)):
+        if f.dim() < 3:
+            raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
+                             f"(or [B, C, *spatial]) to build spatial attention")
+    if f_s.shape[2:] == f_t.shape[2:]:
+        return False
+    if not pool:
+        raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
+                         f"pair layers of the same resolution (kdfast.layers.match_feature_layers finds them), "
+                         f"or pass pool=True to average-pool the larger map to the smaller one's size")
+    if f_s.dim() != f_t.dim() or f_s.dim() > 5:
+        raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
+                         f"{name_s} {tuple(f_s.shape)} and {name_t} {tuple(f_t.shape)}")
+    return True
+
+
+def check_map_lists(f_s, f_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """attention_transfer's f_s, f_t: one pair of maps, or equally long lists of them,
+    as named pairs (names for errors)."""
+    if isinstance(f_s, torch.Tensor) or isinstance(f_t, torch.Tensor):
+        return [("f_s", f_s, "f_t", f_t)]
+    f_s, f_t = list(f_s), list(f_t)
+    if len(f_s) != len(f_t) or not f_s:
+        raise ValueError(f"{op}: {len(f_s)} student maps and {len(f_t)} teacher maps; pass one teacher map per "
+                         f"student map (at least one pair)")
+    return [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
+
+
+def check_embeddings(e_s, e_t, op: str) -> None:
+    """Relational losses: student and teacher embeddings [B, ...] of one batch of >= 2."""
+    check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
+    if e_s.shape[0] < 2:
+        raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
+                         f"each other and need a batch of at least 2")
+
+
 def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
     """Pair hooked activations in order: fasterai's ``zip(fm_s, fm_t)`` with clear errors."""
     for name, fm in (("fm_s", fm_s), ("fm_t", fm_t)):
@@ -111,3 +254,23 @@ def check_layer_dicts(fm_s, fm_t, op: str) -> list[tuple[str, torch.Tensor, str,
     if not items_s:
         raise ValueError(f"{op}: fm_s and fm_t are empty; no layers were hooked (check the layer names)")
     return [(ks, vs, kt, vt) for (ks, vs), (kt, vt) in zip(items_s, items_t)]
+
+
+def check_callback_arguments(teacher, loss, weight, schedule, student_names: list, teacher_names: list) -> None:
+    """KnowledgeDistillationCallback's arguments (layer names are resolved separately)."""
+    op = "KnowledgeDistillationCallback"
+    if not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"{op}: teacher must be an nn.Module (e.g. teacher_learner.model), got "
+                        f"{type(teacher).__name__}")
+    if not callable(loss):
+        raise TypeError(f"{op}: loss must be a distillation loss (SoftTarget, Attention, ...) or a function "
+                        f"loss(pred=, teacher_pred=, fm_s=, fm_t=, target=), got {loss!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"{op}: weight must be a number (the blend is (1-w)·loss + w·KD), got {weight!r}")
+    if schedule is not None and not (hasattr(schedule, "progress") or callable(schedule)):
+        raise TypeError(f"{op}: schedule must be a Schedule (cos, lin, ...) or a function of pct_train, got "
+                        f"{schedule!r}")
+    if len(student_names) != len(teacher_names):
+        raise ValueError(f"{op}: {len(student_names)} student layer(s) {student_names} but {len(teacher_names)} "
+                         f"teacher layer(s) {teacher_names}; pass one teacher layer per student layer, in "
+                         f"matching order (match_feature_layers finds pairs)")

@@ -27,7 +27,8 @@ def _load() -> tuple[dict[str, str] | None, str | None]:
     try:
         from . import _C  # noqa: F401  (registers the torch.ops.kdfast_C operators)
     except (ImportError, OSError) as e:
-        return None, f"kdfast._C failed to load, probably built for another torch than {torch.__version__} ({e}); {_REBUILD}"
+        return None, (f"kdfast._C failed to load, probably built for another torch than {torch.__version__} ({e}); "
+                      f"{_REBUILD}")
     info = dict(line.split("=", 1) for line in torch.ops.kdfast_C.build_info().splitlines() if "=" in line)
     if info.get("torch", torch.__version__).split("+")[0] != torch.__version__.split("+")[0]:
         return None, f"kdfast._C was built for torch {info['torch']}, this is torch {torch.__version__}; {_REBUILD}"

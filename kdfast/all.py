@@ -8,9 +8,10 @@ fastai.vision.all's names, then kdfast's losses, schedules, ``KnowledgeDistillat
 ``MixedPrecision`` (kdfast's names win where they coincide: ``cos`` is the schedule,
 ``MixedPrecision`` fastai's callback that also autocasts on CPUs).
 """
-from fastai.vision.all import *  # noqa: F401,F403
+from . import fastai as _fastai_layer  # noqa: F401  (first: without fastai it says what to install)
+from fastai.vision.all import *  # noqa: F401,F403,E402,I001
 
-from .distributed import *  # noqa: F401,F403  (distrib_ctx; MixedPrecision on any device)
 from .fastai import *  # noqa: F401,F403
+from .fastai.distributed import *  # noqa: F401,F403  (distrib_ctx; MixedPrecision on any device)
 from .losses import *  # noqa: F401,F403
 from .schedule import *  # noqa: F401,F403

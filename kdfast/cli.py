@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdfast", description="Fast knowledge distillation for PyTorch and fastai")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the status of every backend")
-    sub.add_parser("bench", help="run kdfast's benchmarks (from a source checkout)", add_help=False)
+    sub.add_parser("bench", help="time kdfast's kernels against their peers (kdfast bench --help)", add_help=False)
     sub.add_parser("demo", help="fasterai's distillation tutorial, offline (needs fastai)", add_help=False)
     args, rest = parser.parse_known_args(argv)
 
@@ -40,16 +40,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """Benchmarks live in the checkout's bench/ folder, next to the kdfast package."""
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "bench", "run.py")):
-        print("kdfast bench: the benchmarks live in the bench/ folder of a kdfast source checkout; "
-              "install kdfast from one (pip install -e . --no-build-isolation) to run them")
-        return 2
-    sys.path.insert(0, root)
-    from bench.run import main as bench_main
+    from .bench.run import main as bench_main
     return bench_main(argv)
 
 

@@ -172,7 +172,7 @@ def _fit(learn, epochs: int, lr: float, cbs=None) -> dict:
     timer = _epoch_timer()
     distributed = _rank_and_world()[1] > 1
     if distributed:
-        from .distributed import distrib_ctx
+        from .fastai.distributed import distrib_ctx
     with distrib_ctx(learn) if distributed else contextlib.nullcontext():
         learn.fit_one_cycle(epochs, lr, cbs=[timer] + ([cbs] if cbs is not None else []))
     names = learn.recorder.metric_names[1:-1]  # without 'epoch' and 'time'

@@ -11,41 +11,114 @@ student's is 0 the KL is ``+inf``. A ``+inf`` logit has no softmax: NaN.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _checks as checks
 from .ops import attention as _attention
 from .ops import relational as _relational
-from .ops.softmax_kl import softmax_kl_loss
+from .ops.softmax_kl import softmax_kl_loss, softmax_kl_topk_loss
+from .topk import TopK
 
 __all__ = [
-    "soft_target_kl", "decoupled_kd", "attention_transfer",
+    "soft_target_kl", "reverse_kl", "jsd", "tvd", "decoupled_kd", "attention_transfer",
     "rkd", "rkd_distance", "rkd_angle", "pkt", "similarity_preserving",
 ]
 
 
-def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0,
-                   reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the class dim ``dim``.
-
-    reduction: 'batchmean' (default) divides the sum by the size of dim 0 as torch's
-    KLDivLoss does (fasterai's SoftTarget, also for [B, C, H, W] logits with dim=1);
-    'mean' by the number of rows; 'sum'; 'none' gives one loss per row (the shape without
-    ``dim``). With ``target`` (class indices, one per row), rows whose target is
-    ``ignore_index`` are left out and 'batchmean' / 'mean' divide by the rows kept
-    (token-level LLM distillation); all rows ignored gives 0.
-    """
-    op = "soft_target_kl"
-    checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
-    dim = checks.check_dim(student_logits, dim, op, "student_logits")
+def _softmax_divergence(op, student_logits, teacher_logits, divergence, beta, T, reduction, dim, target,
+                        ignore_index, tail, weight=1.0, divisor=None):
+    """Validate, then run the dense or the sparse-teacher op."""
+    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL's ends: exactly forward / reverse KL
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    dim = checks.check_dim(checks.check_tensor(student_logits, "student_logits", op), dim, op, "student_logits")
     T = checks.check_temperature(T, op)
     checks.check_reduction(reduction, op)
+    if isinstance(teacher_logits, TopK):
+        indices, logprobs = checks.check_topk(teacher_logits, student_logits, dim, op)
+        tail = checks.check_tail(tail, T, op)
+        target = checks.check_target(target, student_logits, dim, op, ignore_index)
+        return softmax_kl_topk_loss(student_logits, indices, logprobs, T=T, reduction=reduction, dim=dim,
+                                    target=target, ignore_index=ignore_index, divergence=divergence, jsd_beta=beta,
+                                    tail=tail, weight=weight, divisor=divisor, op=op)
+    if isinstance(teacher_logits, tuple) and len(teacher_logits) == 2:
+        raise TypeError(f"{op}: teacher_logits is a plain tuple; a sparse teacher is passed as "
+                        f"kdfast.TopK(indices, logprobs)")
+    checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
     target = checks.check_target(target, student_logits, dim, op, ignore_index)
-    return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim,
-                           target=target, ignore_index=ignore_index, op=op)
+    return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
+                           ignore_index=ignore_index, divergence=divergence, jsd_beta=beta, weight=weight,
+                           divisor=divisor, op=op)
+
+
+_COMMON_DOC = """
+    teacher_logits: logits like the student's, or a sparse teacher ``kdfast.TopK(indices,
+    logprobs)`` (see ``kdfast.topk_logits``) with ``tail``: 'bucket' (default; the classes
+    outside the top-k are one more class, the teacher's missing mass ``1 - sum_K p`` against
+    the student's own; needs T = 1, the tail's mass at another temperature being unknown) or
+    'renormalize' (both distributions restricted to the top-k and renormalised; any T, the
+    stored log-probabilities re-tempered exactly over the top-k; the student's other classes
+    get gradient 0).
+
+    reduction: 'batchmean' (default) divides the sum by the size of dim 0 as torch's
+    KLDivLoss does; 'mean' by the number of rows; 'sum'; 'none' gives one loss per row (the
+    shape without ``dim``). With ``target`` (class indices, one per row: the labels), rows
+    whose target is ``ignore_index`` are left out and 'batchmean' / 'mean' divide by the
+    rows kept (token-level LLM distillation); all rows ignored gives 0.
+"""
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits, T: float = 1.0,
+                   reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None,
+                   ignore_index: int = -100, tail: str = "bucket") -> torch.Tensor:
+    """Forward KL: ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the class dim ``dim``.
+
+    fasterai's SoftTarget (batchmean over dim 0, also for [B, C, H, W] logits with dim=1).
+    """
+    return _softmax_divergence("soft_target_kl", student_logits, teacher_logits, "forward_kl", 0.5, T, reduction,
+                               dim, target, ignore_index, tail)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits, T: float = 1.0, reduction: str = "batchmean",
+               dim: int = -1, target: torch.Tensor | None = None, ignore_index: int = -100,
+               tail: str = "bucket") -> torch.Tensor:
+    """Reverse KL: ``T² · KL(softmax(student/T) ‖ softmax(teacher/T))``, the student's
+    distribution first (mode-seeking: MiniLLM, TRL's DistillationTrainer default).
+    """
+    return _softmax_divergence("reverse_kl", student_logits, teacher_logits, "reverse_kl", 0.5, T, reduction, dim,
+                               target, ignore_index, tail)
+
+
+def jsd(student_logits: torch.Tensor, teacher_logits, beta: float = 0.5, T: float = 1.0,
+        reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None, ignore_index: int = -100,
+        tail: str = "bucket") -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024; TRL's definition):
+    ``T² · [beta·KL(p_t ‖ m) + (1 - beta)·KL(p_s ‖ m)]``, ``m = beta·p_t + (1 - beta)·p_s``,
+    with p_t, p_s the teacher's and the student's softmax at T; log m is computed in log space.
+
+    beta = 0 is forward KL and beta = 1 reverse KL, exactly (TRL). Inside (0, 1) the value
+    tends to beta·KL(p_t ‖ p_s) as beta -> 0 and to (1 - beta)·KL(p_s ‖ p_t) as beta -> 1, so
+    it jumps at both ends (TRL #6780). beta = 0.5 is the symmetric JSD (at most log 2).
+    """
+    beta = checks.check_beta(beta, "jsd")
+    return _softmax_divergence("jsd", student_logits, teacher_logits, "jsd", beta, T, reduction, dim, target,
+                               ignore_index, tail)
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits, T: float = 1.0, reduction: str = "batchmean", dim: int = -1,
+        target: torch.Tensor | None = None, ignore_index: int = -100, tail: str = "bucket") -> torch.Tensor:
+    """Total variation distance: ``T · ½ sum |softmax(teacher/T) - softmax(student/T)|``.
+
+    T = 1 (the default) is the plain TVD in [0, 1] (Liger-Kernel, DistillKit, DistiLLM have
+    no temperature). The factor T plays the role of the KLs' T²: as T grows both softmaxes
+    flatten towards uniform, ``p - q ≈ (z_t - z_s - mean)/(T·V)``, so TVD and its gradient
+    shrink like 1/T; times T, the loss and its gradient keep their size at any T.
+    """
+    return _softmax_divergence("tvd", student_logits, teacher_logits, "tvd", 0.5, T, reduction, dim, target,
+                               ignore_index, tail)
+
+
+for _fn in (soft_target_kl, reverse_kl, jsd, tvd):
+    _fn.__doc__ += _COMMON_DOC
 
 
 def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -59,47 +132,15 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     Rows whose target is ``ignore_index`` are left out, as in :func:`soft_target_kl`.
     """
     op = "decoupled_kd"
-    if target is None:
-        raise ValueError(f"{op}: DecoupledKD requires `target` labels. Use SoftTarget for label-free distillation.")
     checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
     dim = checks.check_dim(student_logits, dim, op, "student_logits")
-    num_classes = student_logits.shape[dim]
-    if num_classes < 2:
-        raise ValueError(f"{op}: logits of shape {tuple(student_logits.shape)} have {num_classes} class along "
-                         f"dim={dim}; decoupling target and non-target classes needs at least 2")
+    num_classes = checks.check_decoupled(student_logits, target, dim, op)
     T = checks.check_temperature(T, op)
     checks.check_reduction(reduction, op)
     target = checks.check_target(target, student_logits, dim, op, ignore_index, num_classes)
     return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
                            ignore_index=ignore_index, decoupled=True, alpha=float(alpha), beta=float(beta),
                            normalize=bool(normalize), op=op)
-
-
-def _attention_pair(name_s, f_s, name_t, f_t, pool, op):
-    """One validated (and, with pool, size-matched) layer pair."""
-    checks.check_pair(f_s, f_t, op, name_s, name_t, same_shape=False)
-    for name, f in ((name_s, f_s), (name_t, f_t)):
-        if f.dim() < 3:
-            raise ValueError(f"{op}: {name} has shape {tuple(f.shape)}; it needs feature maps [B, C, H, W] "
-                             f"(or [B, C, *spatial]) to build spatial attention")
-    if f_s.shape[2:] == f_t.shape[2:]:
-        return f_s, f_t
-    if not pool:
-        raise ValueError(f"{op}: spatial sizes differ: {name_s} {tuple(f_s.shape)} vs {name_t} {tuple(f_t.shape)}; "
-                         f"pair layers of the same resolution (kdfast.fastai.match_feature_layers finds them), "
-                         f"or pass pool=True to average-pool the larger map to the smaller one's size")
-    if f_s.dim() != f_t.dim() or f_s.dim() > 5:
-        raise ValueError(f"{op}: pool=True needs maps with the same number of spatial dims (1 to 3), got "
-                         f"{name_s} {tuple(f_s.shape)} and {name_t} {tuple(f_t.shape)}")
-    return _attention.pool_to_match(f_s, f_t)
-
-
-def _check_power(p, op):
-    if isinstance(p, torch.Tensor) and p.numel() == 1:
-        p = p.item()
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
-        raise ValueError(f"{op}: p must be a number > 0, got {p!r}")
-    return float(p)
 
 
 def attention_transfer(f_s, f_t, p: float = 2, pool: bool = False) -> torch.Tensor:
@@ -113,30 +154,15 @@ def attention_transfer(f_s, f_t, p: float = 2, pool: bool = False) -> torch.Tens
     to the smaller one's size (adaptive average pooling, as RepDistiller does).
     """
     op = "attention_transfer"
-    p = _check_power(p, op)
-    if isinstance(f_s, torch.Tensor) or isinstance(f_t, torch.Tensor):
-        pairs = [("f_s", f_s, "f_t", f_t)]
-    else:
-        f_s, f_t = list(f_s), list(f_t)
-        if len(f_s) != len(f_t) or not f_s:
-            raise ValueError(f"{op}: {len(f_s)} student maps and {len(f_t)} teacher maps; pass one teacher "
-                             f"map per student map (at least one pair)")
-        pairs = [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
-    return _attention_transfer_layers(pairs, p, pool, op)
+    return _attention_transfer_layers(checks.check_map_lists(f_s, f_t, op), p, pool, op)
 
 
 def _attention_transfer_layers(pairs, p: float, pool: bool, op: str) -> torch.Tensor:
     """attention_transfer over named pairs ``(name_s, f_s, name_t, f_t)`` (names for errors)."""
-    p = _check_power(p, op)
-    matched = [_attention_pair(ns, s, nt, t, pool, op) for ns, s, nt, t in pairs]
+    p = checks.check_power(p, op)
+    matched = [_attention.pool_to_match(s, t) if checks.check_feature_maps(ns, s, nt, t, pool, op) else (s, t)
+               for ns, s, nt, t in pairs]
     return _attention.attention_transfer_pairs(matched, p, op)
-
-
-def _check_embeddings(e_s, e_t, op):
-    checks.check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
-    if e_s.shape[0] < 2:
-        raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
-                         f"each other and need a batch of at least 2")
 
 
 def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
@@ -144,21 +170,21 @@ def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
     """Relational KD (Park et al. 2019): ``dist_weight·L_distance + angle_weight·L_angle`` on
     embeddings [B, ...] (flattened; student and teacher widths may differ), both terms from
     one Gram matrix per model. A term of weight 0 is not computed."""
-    _check_embeddings(e_s, e_t, "rkd")
+    checks.check_embeddings(e_s, e_t, "rkd")
     return _relational.rkd_loss(e_s, e_t, float(dist_weight), float(angle_weight))
 
 
 def rkd_distance(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     """RKD distance loss (Park et al. 2019) on embeddings [B, ...] (flattened); student and
     teacher widths may differ."""
-    _check_embeddings(e_s, e_t, "rkd_distance")
+    checks.check_embeddings(e_s, e_t, "rkd_distance")
     return _relational.rkd_loss(e_s, e_t, 1.0, 0.0, op="rkd_distance")
 
 
 def rkd_angle(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
     """RKD angle loss (Park et al. 2019) on embeddings [B, ...] (flattened), from the Gram
     matrix: memory O(B² + B·D), not the reference's [B, B, D]."""
-    _check_embeddings(e_s, e_t, "rkd_angle")
+    checks.check_embeddings(e_s, e_t, "rkd_angle")
     return _relational.rkd_loss(e_s, e_t, 0.0, 1.0, op="rkd_angle")
 
 
@@ -166,14 +192,13 @@ def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor
     """Probabilistic knowledge transfer (Passalis & Tefas 2018) on embeddings [B, ...].
     As in the canonical code, a sample whose embedding holds a NaN or infinite value counts
     as a zero vector."""
-    _check_embeddings(e_s, e_t, "pkt")
+    checks.check_embeddings(e_s, e_t, "pkt")
     return _relational.pkt_loss(e_s, e_t, eps)
 
 
 def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori 2019) as fasterai computes it: MSE between the
     row-normalised (p-norm) Gram matrices of the flattened features."""
-    _check_embeddings(f_s, f_t, "similarity_preserving")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-        raise ValueError(f"similarity_preserving: p must be a number > 0 (the norm of the Gram rows), got {p!r}")
-    return _relational.similarity_preserving_loss(f_s, f_t, p)
+    op = "similarity_preserving"
+    checks.check_embeddings(f_s, f_t, op)
+    return _relational.similarity_preserving_loss(f_s, f_t, checks.check_power(p, op, " (the norm of the Gram rows)"))

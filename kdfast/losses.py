@@ -22,16 +22,12 @@ from torch import nn
 
 from . import _checks as checks
 from . import functional as KF
+from ._dtypes import acc_dtype
 
-__all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", "Attention",
-           "ActivationBoundaries", "FitNet", "Similarity", "RKD", "PKT"]
+__all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", "ReverseKL", "JSD", "TVD",
+           "Attention", "ActivationBoundaries", "FitNet", "Similarity", "RKD", "PKT"]
 
 _INPUTS = frozenset({"pred", "teacher_pred", "fm_s", "fm_t", "target"})
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    """Low-precision features are reduced in float32 (float64 stays float64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class DistillationLoss(nn.Module):
@@ -101,6 +97,57 @@ class DecoupledKD(DistillationLoss):
                                normalize=self.normalize, dim=1)
 
 
+class _TokenDivergence(DistillationLoss):
+    """A divergence of the student's softmax from the teacher's over the class dim ``dim``
+    (default -1: [B, C] logits and [B, L, V] token logits alike), batchmean; with ``target``
+    (the callback passes the batch's labels), rows labelled ``ignore_index`` are left out and
+    the mean is over the rows kept. ``teacher_pred`` may be a ``kdfast.TopK``."""
+
+    def __init__(self, T: float = 1.0, dim: int = -1, ignore_index: int = -100, tail: str = "bucket"):
+        super().__init__()
+        self.T = checks.check_temperature(T, type(self).__name__)
+        self.dim, self.ignore_index, self.tail = dim, ignore_index, tail
+
+    def _loss(self, pred, teacher_pred, target):
+        raise NotImplementedError
+
+    def forward(self, pred=None, teacher_pred=None, target=None, **kwargs):
+        self._need_logits(pred, teacher_pred, type(self).__name__)
+        if isinstance(target, torch.Tensor) and (target.is_floating_point() or target.dim() == pred.dim()):
+            target = None  # soft or one-hot targets: no labels that could leave rows out
+        return self._loss(pred, teacher_pred, target)
+
+
+class ReverseKL(_TokenDivergence):
+    """Reverse KL ``T² · KL(p_s ‖ p_t)`` (MiniLLM; TRL's DistillationTrainer default)."""
+
+    def _loss(self, pred, teacher_pred, target):
+        return KF.reverse_kl(pred, teacher_pred, T=self.T, dim=self.dim, target=target,
+                             ignore_index=self.ignore_index, tail=self.tail)
+
+
+class JSD(_TokenDivergence):
+    """Generalized JSD ``T² · [beta·KL(p_t ‖ m) + (1 - beta)·KL(p_s ‖ m)]``, ``m = beta·p_t +
+    (1 - beta)·p_s`` (GKD; beta = 0 forward KL, 1 reverse KL, as TRL)."""
+
+    def __init__(self, beta: float = 0.5, T: float = 1.0, dim: int = -1, ignore_index: int = -100,
+                 tail: str = "bucket"):
+        super().__init__(T, dim, ignore_index, tail)
+        self.beta = checks.check_beta(beta, "JSD")
+
+    def _loss(self, pred, teacher_pred, target):
+        return KF.jsd(pred, teacher_pred, beta=self.beta, T=self.T, dim=self.dim, target=target,
+                      ignore_index=self.ignore_index, tail=self.tail)
+
+
+class TVD(_TokenDivergence):
+    """Total variation ``T · ½ sum |p_t - p_s|`` (T = 1: the plain TVD)."""
+
+    def _loss(self, pred, teacher_pred, target):
+        return KF.tvd(pred, teacher_pred, T=self.T, dim=self.dim, target=target, ignore_index=self.ignore_index,
+                      tail=self.tail)
+
+
 def _sum_pairs(fm_s, fm_t, name, pair_loss):
     total = 0.0
     for _, f_s, _, f_t in checks.check_layer_dicts(fm_s, fm_t, name):
@@ -137,7 +184,7 @@ class ActivationBoundaries(DistillationLoss):
         m = self.m
         positive = (s + m).pow(2) * ((s > -m) & (t <= 0)).to(s.dtype)
         negative = (s - m).pow(2) * ((s <= m) & (t > 0)).to(s.dtype)
-        return (positive + negative).mean(dtype=_acc(s))
+        return (positive + negative).mean(dtype=acc_dtype(s.dtype))
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "ActivationBoundaries", self._pair)
@@ -149,7 +196,7 @@ class FitNet(DistillationLoss):
     @staticmethod
     def _pair(s, t):
         checks.check_pair(s, t, "FitNet", "fm_s", "fm_t")
-        return (s - t.detach()).pow(2).mean(dtype=_acc(s))  # mse_loss, accumulated in fp32
+        return (s - t.detach()).pow(2).mean(dtype=acc_dtype(s.dtype))  # mse_loss, accumulated in fp32
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
         return _sum_pairs(fm_s, fm_t, "FitNet", self._pair)

@@ -1,6 +1,6 @@
 """Test setup: Triton runs interpreted on the CPU when there is no GPU (set before any
-import of triton), an inductor cache per version of kdfast's ops, and helpers shared by
-the kernel tests."""
+import of triton), an inductor cache per version of kdfast's ops, and the backend reset
+around every test. The helpers tests share are in helpers.py."""
 import hashlib
 import os
 import pathlib
@@ -22,51 +22,12 @@ def _ops_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"kdfast-inductor-{_ops_digest()}"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"kdfast-inductor-{_ops_digest()}"))
 
 import pytest  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast import _backend  # noqa: E402
-
-# The tolerances the kernels are held to, shared with kdfast's verified first use.
-from kdfast._verify import LOSS_TOLERANCE, TOLERANCE, compare  # noqa: E402,F401
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def kernel_backends(device: str, kernels) -> list[str]:
-    """The non-reference backends that can run these kernels on this device here."""
-    return [b for b in ("cpu", "triton", "cuda")
-            if _backend.unavailable_reason(b, device, kernels) is None]
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "",
-                 floor: float = 1e-30) -> None:
-    """max |actual - expected| <= tol * max(|expected|, floor), compared in float64, with the
-    same non-finite entries (kdfast._verify.compare).
-
-    ``floor``: the scale below which errors count as absolute, for values that are 0 up to
-    rounding (e.g. RKD at a batch of 2)."""
-    problem = compare(actual, expected, tol, floor)
-    assert problem is None, f"{what}: {problem}"
-
-
-def assert_compiled_matches_eager(loss_fn, students: list, others: list, backend: str, tol: float = 1e-6) -> None:
-    """``loss_fn(*students, *others)`` and its gradients w.r.t. the students are the same
-    eager and under ``torch.compile(fullgraph=True)`` (no graph break) on this backend."""
-    def loss_and_grads(fn):
-        loss = fn(*students, *others)
-        return loss.detach(), torch.autograd.grad(loss, students)
-
-    torch._dynamo.reset()
-    with kdfast.use_backend(backend):
-        eager = loss_and_grads(loss_fn)
-        compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
-    assert_close(compiled[0], eager[0], tol, "loss")
-    for c, e in zip(compiled[1], eager[1]):
-        assert_close(c, e, tol, "grad")
-
 
 def pytest_addoption(parser):
     parser.addoption("--kdfast-backend", help="run only the tests of this backend (the `backend` parameter "

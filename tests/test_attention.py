@@ -7,9 +7,9 @@ import kdfast
 from kdfast import functional as KF
 from kdfast import losses as L
 from kdfast.ops import attention as op
-from conftest import DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
+from helpers import (DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params,
+                     kernel_backends)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [  # (batch, student channels, teacher channels, spatial)
     (2, 3, 5, (7, 7)),
     (3, 21, 6, (3, 5)),
@@ -21,13 +21,7 @@ CASES = [  # (batch, student channels, teacher channels, spatial)
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
-def params(device):
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return [pytest.param(device, b, marks=marks, id=f"{device}-{b}")
-            for b in kernel_backends(device, op.KERNELS)]
-
-
-BACKENDS = [p for d in DEVICES for p in params(d)]
+BACKENDS = backend_params(op.KERNELS)
 
 
 def make(shape, dtype, device, layout="contiguous", seed=0, positive=False):

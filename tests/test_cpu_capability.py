@@ -14,7 +14,7 @@ import kdfast
 from kdfast import _extension
 from kdfast import functional as KF
 from kdfast.info import info_text
-from conftest import LOSS_TOLERANCE, TOLERANCE, assert_close
+from helpers import LOSS_TOLERANCE, TOLERANCE, assert_close
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="kdfast._C is not built")
 
@@ -119,6 +119,42 @@ def test_softmax_kl_on_every_build(capability, shape, dim, dtype, decoupled):
     (loss, grad), (ref_loss, ref_grad) = results
     assert_close(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")
     assert_close(grad, ref_grad, TOLERANCE[dtype], "grad")
+
+
+@pytest.mark.parametrize("shape,dim,dtype", SOFTMAX_CASES[:3], ids=str)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd"])
+def test_divergences_on_every_build(capability, shape, dim, dtype, divergence):
+    g = torch.Generator().manual_seed(4)
+    s = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    t = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    fn = getattr(KF, divergence)
+    results = []
+    for backend, x, y in (("cpu", s, t), ("torch", s.double(), t.double())):
+        x = x.detach().requires_grad_()
+        with kdfast.use_backend(backend):
+            loss = fn(x, y, T=2.0, dim=dim)
+        (0.7 * loss).backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert_close(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")
+    assert_close(grad, ref_grad, TOLERANCE[dtype], "grad")
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_sparse_teachers_on_every_build(capability, tail):
+    g = torch.Generator().manual_seed(5)
+    s, t = 3 * torch.randn(6, 301, generator=g), 3 * torch.randn(6, 301, generator=g)
+    topk = kdfast.topk_logits(t, 17)
+    results = []
+    for backend, x, logprobs in (("cpu", s, topk.logprobs), ("torch", s.double(), topk.logprobs.double())):
+        x = x.detach().requires_grad_()
+        with kdfast.use_backend(backend):
+            loss = KF.jsd(x, kdfast.TopK(topk.indices, logprobs), tail=tail)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (ref_loss, ref_grad) = results
+    assert_close(loss, ref_loss, LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close(grad, ref_grad, TOLERANCE[torch.float32], "grad")
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

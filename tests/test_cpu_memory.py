@@ -9,7 +9,7 @@ import torch
 import kdfast
 from kdfast import _extension
 from kdfast import functional as KF
-from conftest import TOLERANCE, assert_close
+from helpers import TOLERANCE, assert_close
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="kdfast._C is not built")
 

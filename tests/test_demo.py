@@ -1,7 +1,6 @@
 """`kdfast demo` at a tiny size, its data options and messages, and fasterai's tutorial run
 verbatim (only its import line changed) on local files."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,22 +9,9 @@ import pytest
 
 pytest.importorskip("fastai")
 pytest.importorskip("sklearn")
+from helpers import offline_tutorial_env, write_digit_images  # noqa: E402
+
 from kdfast import demo  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_images(folder, names):
-    """Small real images (scikit-learn digits) under the given file names."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    images = load_digits().images
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names):
-        Image.fromarray((images[i] * 15).astype(np.uint8), mode="L").save(folder / name)
-    return folder
 
 
 def test_demo_tiny_run(tmp_path, capsys):
@@ -48,7 +34,7 @@ def test_demo_tiny_run(tmp_path, capsys):
 
 def test_demo_on_a_folder_labelled_by_file_name(tmp_path, capsys):
     names = [f"{'Cat' if i % 2 else 'dog'}_{i}.png" for i in range(40)]
-    data = write_images(tmp_path / "pets" / "images", names)
+    data = write_digit_images(tmp_path / "pets" / "images", names)
     out = tmp_path / "out"
     assert demo.main(["--data", str(data.parent), "--label", r"regex:^(\w+?)_", "--epochs", "1", "--size", "32",
                       "--bs", "16", "--out", str(out)]) == 0
@@ -67,7 +53,7 @@ def test_demo_on_a_folder_labelled_by_file_name(tmp_path, capsys):
 def test_demo_data_messages(tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    write_images(tmp_path / "one", ["a_1.png", "b_2.png", "c_3.png"])
+    write_digit_images(tmp_path / "one", ["a_1.png", "b_2.png", "c_3.png"])
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert demo.main(args + ["--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
@@ -122,24 +108,12 @@ student.fit_one_cycle(10, 1e-3, cbs=kd)
 
 
 def test_the_tutorial_runs_with_only_its_import_changed(tmp_path):
-    """Offline: untar_data(URLs.PETS) finds a local oxford-iiit-pet folder (24 small images, cats
-    named with a capital as in PETS), and torchvision finds resnet34 weights in its cache (random
-    ones, saved there by this test)."""
-    import torch
-    from torchvision.models import ResNet34_Weights, resnet34
-
-    home = tmp_path / "fastai_home"
-    names = [f"{'Persian' if i % 2 else 'beagle'}_{i}.png" for i in range(24)]
-    write_images(home / "data" / "oxford-iiit-pet" / "images", names)
-    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.save(resnet34().state_dict(), checkpoints / os.path.basename(ResNet34_Weights.IMAGENET1K_V1.url))
+    """Offline (helpers.offline_tutorial_env): a local oxford-iiit-pet folder of 24 small
+    images, random resnet34 weights in torchvision's cache."""
     script = tmp_path / "tutorial.py"
     script.write_text(textwrap.dedent(SEED_TUTORIAL))
-    env = {**os.environ, "FASTAI_HOME": str(home), "TORCH_HOME": str(tmp_path / "torch_home"),
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    run = subprocess.run([sys.executable, str(script)], env=offline_tutorial_env(tmp_path), capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert ("{'student': ['conv1', 'layer1', 'layer2', 'layer3', 'layer4'], "
             "'teacher': ['0.0', '0.4', '0.5', '0.6', '0']}") in run.stdout

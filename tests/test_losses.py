@@ -4,12 +4,11 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kdfast
 from kdfast import losses as L
-from bench.peers import canonical_pkt, canonical_rkd
-from conftest import assert_close, kernel_backends
+from kdfast.bench.peers import canonical_pkt, canonical_rkd
+from helpers import assert_close, kernel_backends
 
 fl = pytest.importorskip("fasterai.distill.losses")
 
@@ -32,7 +31,8 @@ def compare(kd_loss, fa_loss, inputs, student_keys, tol=2e-5, floor=1e-30):
         kwargs = {**inputs, **leaves}
         value = fn(**kwargs)
         value.backward()
-        grads = [g.grad for k in student_keys for g in (leaves[k].values() if isinstance(leaves[k], dict) else [leaves[k]])]
+        grads = [g.grad for k in student_keys
+                 for g in (leaves[k].values() if isinstance(leaves[k], dict) else [leaves[k]])]
         return value.detach(), grads
 
     value, grads = run(kd_loss)
@@ -167,7 +167,7 @@ def test_rkd_weights():
 
 def test_benchmark_peers_are_fasterai():
     """The eager formulas the benchmarks time (bench/peers.py) are fasterai's losses."""
-    from bench.peers import fasterai_attention, fasterai_similarity, fasterai_soft_target
+    from kdfast.bench.peers import fasterai_attention, fasterai_similarity, fasterai_soft_target
     s, t = randn(16, 10, seed=1, scale=3), randn(16, 10, seed=2, scale=3)
     assert_close(fasterai_soft_target(s, t, T=4.0), fl.SoftTarget(s, t, T=4.0), 1e-6)
     fm_s, fm_t = features([3, 5], seed=10), features([6, 2], seed=20)
@@ -176,3 +176,28 @@ def test_benchmark_peers_are_fasterai():
     flat = lambda fm: [v.flatten(1) for v in fm.values()]  # noqa: E731
     assert_close(sum(fasterai_similarity(a, b) for a, b in zip(flat(fm_s), flat(fm_t))),
                  fl.Similarity(fm_s, fm_t, pred=None), 1e-6)
+
+
+@pytest.mark.parametrize("name,fn,kwargs", [("ReverseKL", "reverse_kl", {"T": 2.0}), ("JSD", "jsd", {"beta": 0.3}),
+                                            ("TVD", "tvd", {})])
+def test_llm_losses_are_the_functions_with_the_callbacks_convention(name, fn, kwargs):
+    """[B, L, V] token logits, labels with -100 from the callback's `target`; a TopK teacher."""
+    from kdfast import functional as KF
+    s, t = randn(2, 6, 30, seed=6, scale=2), randn(2, 6, 30, seed=7, scale=2)
+    labels = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(8))
+    labels[0, :2] = -100
+    expected = getattr(KF, fn)(s, t, target=labels, **kwargs)
+    cls = getattr(L, name)
+    for value in (cls(pred=s, teacher_pred=t, target=labels, fm_s={}, fm_t={}, **kwargs),
+                  functools.partial(cls, **kwargs)(pred=s, teacher_pred=t, target=labels),
+                  cls(**kwargs)(pred=s, teacher_pred=t, target=labels)):
+        assert torch.equal(value, expected)
+    # a float (soft / one-hot) target leaves no rows out; classification logits [B, C] with labels
+    assert torch.equal(cls(**kwargs)(pred=s, teacher_pred=t, target=torch.rand(2, 6, 30)),
+                       getattr(KF, fn)(s, t, **kwargs))
+    assert torch.equal(cls(**kwargs)(pred=s[0], teacher_pred=t[0], target=labels[1]),
+                       getattr(KF, fn)(s[0], t[0], **kwargs))
+    topk = kdfast.topk_logits(t, 5)
+    sparse = cls(tail="renormalize", **kwargs)(pred=s, teacher_pred=topk, target=labels)
+    assert torch.equal(sparse, getattr(KF, fn)(s, topk, target=labels, tail="renormalize", **kwargs))
+    assert name in repr(cls(**kwargs)) and "tail='bucket'" in repr(cls(**kwargs))

@@ -11,9 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdfast import losses as L
 from kdfast.ops import relational
-from conftest import assert_close
+from helpers import DEVICES, assert_close
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def device_params(dtypes_by_device):

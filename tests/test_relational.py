@@ -8,18 +8,11 @@ from kdfast import _backend
 from kdfast import functional as KF
 from kdfast._verify import RELATIONAL_FLOOR, RELATIONAL_LOSS_TOLERANCE
 from kdfast.ops import relational as op
-from conftest import DTYPES, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from helpers import DTYPES, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params
 
 
-def params(device):
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return [pytest.param(device, b, marks=marks, id=f"{device}-{b}")
-            for b in kernel_backends(device, op.KERNELS)]
 
-
-BACKENDS = [p for d in DEVICES for p in params(d)]
+BACKENDS = backend_params(op.KERNELS)
 
 # name: (kdfast function, canonical reference), both called as f(e_s, e_t)
 LOSSES = {

@@ -27,8 +27,8 @@ struct Build {
   CpuKernels kernels;
 };
 
-#define KDFAST_BUILD(CAPABILITY)                                                                       \
-  {                                                                                                    \
+#define KDFAST_BUILD(CAPABILITY)                                                                                     \
+  {                                                                                                                  \
     #CAPABILITY, { &CAPABILITY::kSoftmaxKLKernels, &CAPABILITY::kAttentionKernels, &CAPABILITY::kRelationalKernels } \
   }
 
@@ -129,9 +129,19 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> softmax_kl(const at::Tensor& s, const at::Tensor& t,
                                               const std::optional<at::Tensor>& target, const at::Tensor& scale,
                                               int64_t dim, double T, int64_t ignore_index, double alpha,
-                                              double beta, bool decoupled, bool compute_grad) {
+                                              double beta, bool decoupled, bool compute_grad,
+                                              c10::string_view divergence, double jsd_beta) {
   return cpu_kernels().softmax_kl->softmax_kl(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled,
-                                              compute_grad);
+                                              compute_grad, divergence, jsd_beta);
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_topk(const at::Tensor& s, const at::Tensor& indices,
+                                                   const at::Tensor& logprobs, const std::optional<at::Tensor>& target,
+                                                   const at::Tensor& scale, double T, int64_t ignore_index,
+                                                   c10::string_view divergence, double jsd_beta, bool renormalize,
+                                                   bool compute_grad) {
+  return cpu_kernels().softmax_kl->softmax_kl_topk(s, indices, logprobs, target, scale, T, ignore_index, divergence,
+                                                   jsd_beta, renormalize, compute_grad);
 }
 
 at::Tensor cpu_exp(const at::Tensor& x, c10::string_view impl, int64_t repeats) {
@@ -166,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_gram(const at::Tensor& g_s, const 
 
 TORCH_LIBRARY_IMPL(kdfast_C, CPU, m) {
   m.impl("softmax_kl", &softmax_kl);
+  m.impl("softmax_kl_topk", &softmax_kl_topk);
   m.impl("attention_transfer_forward", &attention_transfer_forward);
   m.impl("attention_transfer_backward", &attention_transfer_backward);
   m.impl("cpu_exp", &cpu_exp);

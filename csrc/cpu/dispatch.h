@@ -25,7 +25,14 @@ struct SoftmaxKLKernels {
                                                    const std::optional<at::Tensor>& target,
                                                    const at::Tensor& scale, int64_t dim, double T,
                                                    int64_t ignore_index, double alpha, double beta,
-                                                   bool decoupled, bool compute_grad);
+                                                   bool decoupled, bool compute_grad,
+                                                   c10::string_view divergence, double jsd_beta);
+  std::tuple<at::Tensor, at::Tensor> (*softmax_kl_topk)(const at::Tensor& s, const at::Tensor& indices,
+                                                        const at::Tensor& logprobs,
+                                                        const std::optional<at::Tensor>& target,
+                                                        const at::Tensor& scale, double T, int64_t ignore_index,
+                                                        c10::string_view divergence, double jsd_beta,
+                                                        bool renormalize, bool compute_grad);
   at::Tensor (*cpu_exp)(const at::Tensor& x, c10::string_view impl, int64_t repeats);
 };
 struct AttentionKernels {

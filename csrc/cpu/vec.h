@@ -172,6 +172,21 @@ inline Vectorized<acc_t> fma_where_nonzero(const Vectorized<acc_t>& a, const Vec
   return acc + Vectorized<acc_t>::blendv(a * b, zero, a == zero);
 }
 
+// divergence_terms' elementwise operations (csrc/softmax_kl_math.h) on vectors of lanes:
+// the counterpart of its ScalarOps.
+template <typename acc_t>
+struct VecOps {
+  using V = Vectorized<acc_t>;
+  static V exp(const V& x) { return x.exp(); }
+  static V log(const V& x) { return x.log(); }
+  static V abs(const V& x) { return x.abs(); }
+  static V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
+  static V sign(const V& x) {
+    const V zero(0);
+    return V::blendv(V::blendv(zero, V(1), x > zero), V(-1), x < zero);
+  }
+};
+
 // 2^u for u <= 0 (or NaN, or -inf: 0; small positive u are fine too), the exponentials of
 // the softmax kernels, whose arguments are (x - max) log2(e)/T. float on AVX2/AVX-512:
 // u = n + f with n = floor(u), 0 <= f < 1; 2^f by a degree-5 polynomial (relative error

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -39,7 +40,11 @@ constexpr int kUnroll = 4;     // 16-byte loads in flight per thread
 constexpr int kMaxMaps = 16;   // feature maps per launch (more: several launches)
 constexpr int kPositionsPerWarp = 4;  // channels-contiguous layout
 
-enum class Layout { Positions, Channels, Scalar };
+enum class Layout {
+  Positions,
+  Channels,
+  Scalar,
+};
 
 template <typename scalar_t>
 constexpr int vec_size() {
@@ -70,28 +75,17 @@ __device__ __forceinline__ void store_stream(scalar_t* p, const Pack<scalar_t>& 
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Loads VEC consecutive opmath values (16-byte aligned), through the read-only cache.
-template <int VEC>
-__device__ __forceinline__ void load_w(const float* p, float (&out)[VEC]) {
-  static_assert(VEC % 4 == 0, "float maps load as float4");
+// Loads VEC consecutive opmath values (16-byte aligned) through the read-only cache, as
+// float4 or double2 vectors.
+template <int VEC, typename acc_t>
+__device__ __forceinline__ void load_w(const acc_t* p, acc_t (&out)[VEC]) {
+  using Vec16 = std::conditional_t<std::is_same_v<acc_t, float>, float4, double2>;
+  constexpr int kLanes = sizeof(Vec16) / sizeof(acc_t);
+  static_assert(VEC % kLanes == 0, "opmath maps load as 16-byte vectors");
 #pragma unroll
-  for (int i = 0; i < VEC / 4; ++i) {
-    const float4 q = __ldg(reinterpret_cast<const float4*>(p) + i);
-    out[4 * i] = q.x;
-    out[4 * i + 1] = q.y;
-    out[4 * i + 2] = q.z;
-    out[4 * i + 3] = q.w;
-  }
-}
-
-template <int VEC>
-__device__ __forceinline__ void load_w(const double* p, double (&out)[VEC]) {
-  static_assert(VEC % 2 == 0, "double maps load as double2");
-#pragma unroll
-  for (int i = 0; i < VEC / 2; ++i) {
-    const double2 q = __ldg(reinterpret_cast<const double2*>(p) + i);
-    out[2 * i] = q.x;
-    out[2 * i + 1] = q.y;
+  for (int i = 0; i < VEC / kLanes; ++i) {
+    const Vec16 q = __ldg(reinterpret_cast<const Vec16*>(p) + i);
+    memcpy(out + kLanes * i, &q, sizeof(q));
   }
 }
 
@@ -102,10 +96,17 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+// The maps (or pairs) of one launch, passed by value as a kernel parameter.
+template <typename Entry>
+struct Table {
+  Entry entry[kMaxMaps];
+  int n;
+};
+
 // The entry of a launch's table that block (or sample) `id` belongs to: entries own
 // consecutive ranges starting at `begin`.
-template <typename Table>
-__device__ __forceinline__ int find_entry(const Table& table, int64_t id) {
+template <typename TableT>
+__device__ __forceinline__ int find_entry(const TableT& table, int64_t id) {
   int k = 0;
   while (k + 1 < table.n && id >= table.entry[k + 1].begin) ++k;
   return k;
@@ -121,10 +122,7 @@ struct MeanMap {
   int64_t begin;  // first block of this map in the launch
 };
 
-struct MeanTable {
-  MeanMap entry[kMaxMaps];
-  int n;
-};
+using MeanTable = Table<MeanMap>;
 
 // Positions layout: a block owns (sample, 32 * VEC positions); warp w adds channels
 // w, w + 8, ...; the 8 partial rows meet in shared memory. VEC == 1: scalar loads and
@@ -243,10 +241,7 @@ struct FinishPair {
   int64_t begin;       // this pair's first block in the launch (a block per sample)
 };
 
-struct FinishTable {
-  FinishPair entry[kMaxMaps];
-  int n;
-};
+using FinishTable = Table<FinishPair>;
 
 // Sum over the block of two values; every thread gets the result.
 template <typename acc_t>
@@ -317,10 +312,7 @@ struct GradMap {
   int64_t begin;  // first block of this map in the launch
 };
 
-struct GradTable {
-  GradMap entry[kMaxMaps];
-  int n;
-};
+using GradTable = Table<GradMap>;
 
 // Positions layout: a block owns (sample, `rows` channels) and walks their positions
 // VEC at a time (VEC == 1: scalar, general strides).
@@ -452,14 +444,14 @@ Layout pick_layout(const FeatureView& v, const void* p, const FeatureView* vg = 
 
 // Launches `launch(table, blocks)` over tables of up to kMaxMaps entries of one layout;
 // each entry owns B * tiles consecutive blocks.
-template <typename Table, typename Entry, typename Launch>
+template <typename Entry, typename Launch>
 void launch_tables(const std::vector<std::pair<Layout, Entry>>& entries, Layout layout, Launch launch) {
   std::vector<Entry> group;
   for (const auto& [l, e] : entries) {
     if (l == layout) group.push_back(e);
   }
   for (size_t first = 0; first < group.size(); first += kMaxMaps) {
-    Table table{};
+    Table<Entry> table{};
     table.n = static_cast<int>(std::min<size_t>(kMaxMaps, group.size() - first));
     int64_t blocks = 0;
     for (int i = 0; i < table.n; ++i) {
@@ -475,15 +467,15 @@ template <typename scalar_t, AttentionPower P>
 void launch_channel_means(const std::vector<std::pair<Layout, MeanMap>>& maps, double p, cudaStream_t stream) {
   const int p_int = integer_power(p);
   constexpr int VEC = vec_size<scalar_t>();
-  launch_tables<MeanTable>(maps, Layout::Positions, [&](const MeanTable& table, int64_t blocks) {
+  launch_tables(maps, Layout::Positions, [&](const MeanTable& table, int64_t blocks) {
     channel_mean_positions_kernel<scalar_t, P, VEC><<<blocks, kThreads, 0, stream>>>(table, p, p_int);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  launch_tables<MeanTable>(maps, Layout::Channels, [&](const MeanTable& table, int64_t blocks) {
+  launch_tables(maps, Layout::Channels, [&](const MeanTable& table, int64_t blocks) {
     channel_mean_channels_kernel<scalar_t, P><<<blocks, kThreads, 0, stream>>>(table, p, p_int);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  launch_tables<MeanTable>(maps, Layout::Scalar, [&](const MeanTable& table, int64_t blocks) {
+  launch_tables(maps, Layout::Scalar, [&](const MeanTable& table, int64_t blocks) {
     channel_mean_positions_kernel<scalar_t, P, 1><<<blocks, kThreads, 0, stream>>>(table, p, p_int);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -537,15 +529,15 @@ void launch_grads(const std::vector<std::pair<Layout, GradMap>>& maps, const voi
                   cudaStream_t stream) {
   const int pm1_int = integer_power(p - 1);
   constexpr int VEC = vec_size<scalar_t>();
-  launch_tables<GradTable>(maps, Layout::Positions, [&](const GradTable& table, int64_t blocks) {
+  launch_tables(maps, Layout::Positions, [&](const GradTable& table, int64_t blocks) {
     attention_grad_positions_kernel<scalar_t, P, VEC><<<blocks, kThreads, 0, stream>>>(table, grad_loss, p - 1, pm1_int);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  launch_tables<GradTable>(maps, Layout::Channels, [&](const GradTable& table, int64_t blocks) {
+  launch_tables(maps, Layout::Channels, [&](const GradTable& table, int64_t blocks) {
     attention_grad_channels_kernel<scalar_t, P><<<blocks, kThreads, 0, stream>>>(table, grad_loss, p - 1, pm1_int);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  launch_tables<GradTable>(maps, Layout::Scalar, [&](const GradTable& table, int64_t blocks) {
+  launch_tables(maps, Layout::Scalar, [&](const GradTable& table, int64_t blocks) {
     attention_grad_positions_kernel<scalar_t, P, 1><<<blocks, kThreads, 0, stream>>>(table, grad_loss, p - 1, pm1_int);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -584,7 +576,8 @@ std::vector<at::Tensor> attention_transfer_backward_cuda(const at::Tensor& grad_
 }
 
 const char* layout_name(Layout layout) {
-  return layout == Layout::Positions ? "positions" : layout == Layout::Channels ? "channels" : "scalar";
+  return layout == Layout::Positions ? "positions" : layout == Layout::Channels ? "channels"
+                                                                                : "scalar";
 }
 
 // The view a kernel reads f through (a contiguous copy's when f has none: copies and fresh

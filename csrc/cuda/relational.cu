@@ -27,6 +27,7 @@ constexpr int kRowThreads = 256;
 constexpr int kTile = 64;          // output tile of the angle kernels
 constexpr int kSub = 4;            // per-thread sub-tile: 16 x 16 threads x 4 x 4
 constexpr int kTileThreads = kTile / kSub;
+constexpr int kTileBlock = kTileThreads * kTileThreads;  // threads of an angle kernel's block
 constexpr int kPad = kTile + 1;
 
 // Rows of the reduced axis staged per step: 16 (float) or 8 (double) keeps shared memory
@@ -134,7 +135,7 @@ template <typename acc_t, int rows>
 __device__ __forceinline__ void stage_rows(acc_t (*tile)[kPad], const acc_t* __restrict__ M, int64_t B,
                                            int64_t r0, int64_t c0) {
   const int t = threadIdx.y * kTileThreads + threadIdx.x;
-  for (int e = t; e < rows * kTile; e += kTileThreads * kTileThreads) {
+  for (int e = t; e < rows * kTile; e += kTileBlock) {
     const int r = e / kTile, c = e % kTile;
     const int64_t gr = r0 + r, gc = c0 + c;
     tile[r][c] = (gr < B && gc < B) ? M[gr * B + gc] : acc_t(0);
@@ -147,18 +148,33 @@ template <typename acc_t, int cols>
 __device__ __forceinline__ void stage_cols(acc_t (*tile)[kPad], const acc_t* __restrict__ M, int64_t B,
                                            int64_t r0, int64_t c0) {
   const int t = threadIdx.y * kTileThreads + threadIdx.x;
-  for (int e = t; e < cols * kTile; e += kTileThreads * kTileThreads) {
+  for (int e = t; e < cols * kTile; e += kTileBlock) {
     const int r = e / cols, c = e % cols;  // consecutive threads: consecutive columns of one row
     const int64_t gr = r0 + r, gc = c0 + c;
     tile[c][r] = (gr < B && gc < B) ? M[gr * B + gc] : acc_t(0);
   }
 }
 
+// The thread's kSub x kSub register sub-tile of a row-major B x B matrix: rows
+// r0 + ty + kTileThreads a, columns c0 + tx + kTileThreads b, zeros outside the matrix.
+template <typename acc_t>
+__device__ __forceinline__ void load_sub_tile(acc_t (&out)[kSub][kSub], const acc_t* __restrict__ M, int64_t B,
+                                              int64_t r0, int64_t c0) {
+#pragma unroll
+  for (int a = 0; a < kSub; ++a) {
+#pragma unroll
+    for (int b = 0; b < kSub; ++b) {
+      const int64_t r = r0 + threadIdx.y + kTileThreads * a, c = c0 + threadIdx.x + kTileThreads * b;
+      out[a][b] = (r < B && c < B) ? M[r * B + c] : acc_t(0);
+    }
+  }
+}
+
 // R_ij = u_ij sum_k c u_ik, T_ij = sum_k c a^s and the tile's loss, over tiles of (i, j).
 template <typename acc_t>
-__global__ void __launch_bounds__(kTileThreads * kTileThreads)
-rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t* __restrict__ T,
-                      acc_t* __restrict__ loss_parts) {
+__global__ void __launch_bounds__(kTileBlock)
+    rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t* __restrict__ T,
+                          acc_t* __restrict__ loss_parts) {
   constexpr int KC = chunk_rows<acc_t>();
   __shared__ acc_t gs_ik[KC][kPad], us_ik[KC][kPad], gt_ik[KC][kPad], ut_ik[KC][kPad];
   __shared__ acc_t gs_jk[KC][kPad], gt_jk[KC][kPad];
@@ -170,20 +186,11 @@ rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t
   const int tx = threadIdx.x, ty = threadIdx.y;
 
   acc_t us_ij[kSub][kSub], bs_ij[kSub][kSub], ut_ij[kSub][kSub], bt_ij[kSub][kSub];
-  acc_t r_acc[kSub][kSub], t_acc[kSub][kSub];
-#pragma unroll
-  for (int a = 0; a < kSub; ++a) {
-#pragma unroll
-    for (int b = 0; b < kSub; ++b) {
-      const int64_t i = i0 + ty + kTileThreads * a, j = j0 + tx + kTileThreads * b;
-      const bool ok = i < B && j < B;
-      us_ij[a][b] = ok ? Us[i * B + j] : acc_t(0);
-      bs_ij[a][b] = ok ? Bs[i * B + j] : acc_t(0);
-      ut_ij[a][b] = ok ? Ut[i * B + j] : acc_t(0);
-      bt_ij[a][b] = ok ? Bt[i * B + j] : acc_t(0);
-      r_acc[a][b] = t_acc[a][b] = 0;
-    }
-  }
+  acc_t r_acc[kSub][kSub] = {}, t_acc[kSub][kSub] = {};
+  load_sub_tile(us_ij, Us, B, i0, j0);
+  load_sub_tile(bs_ij, Bs, B, i0, j0);
+  load_sub_tile(ut_ij, Ut, B, i0, j0);
+  load_sub_tile(bt_ij, Bt, B, i0, j0);
   acc_t loss = 0;
   for (int64_t k0 = 0; k0 < B; k0 += KC) {
     __syncthreads();
@@ -235,8 +242,8 @@ rkd_angle_rows_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ R, acc_t
 
 // P_jk = sum_i c u_ij u_ik over tiles (j-tile <= k-tile) of (j, k); P_kj = P_jk.
 template <typename acc_t>
-__global__ void __launch_bounds__(kTileThreads * kTileThreads)
-rkd_angle_cols_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ P) {
+__global__ void __launch_bounds__(kTileBlock)
+    rkd_angle_cols_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ P) {
   constexpr int IC = chunk_rows<acc_t>();
   __shared__ acc_t us_ij[IC][kPad], bs_ij[IC][kPad], ut_ij[IC][kPad], bt_ij[IC][kPad];
   __shared__ acc_t gs_ik[IC][kPad], us_ik[IC][kPad], gt_ik[IC][kPad], ut_ik[IC][kPad];
@@ -253,18 +260,9 @@ rkd_angle_cols_kernel(RkdAngleArgs args, int64_t B, acc_t* __restrict__ P) {
   const int64_t j0 = tj * kTile, k0 = (tj + rest) * kTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
 
-  acc_t gs_jk[kSub][kSub], gt_jk[kSub][kSub], p_acc[kSub][kSub];
-#pragma unroll
-  for (int a = 0; a < kSub; ++a) {
-#pragma unroll
-    for (int b = 0; b < kSub; ++b) {
-      const int64_t j = j0 + ty + kTileThreads * a, k = k0 + tx + kTileThreads * b;
-      const bool ok = j < B && k < B;
-      gs_jk[a][b] = ok ? Gs[j * B + k] : acc_t(0);
-      gt_jk[a][b] = ok ? Gt[j * B + k] : acc_t(0);
-      p_acc[a][b] = 0;
-    }
-  }
+  acc_t gs_jk[kSub][kSub], gt_jk[kSub][kSub], p_acc[kSub][kSub] = {};
+  load_sub_tile(gs_jk, Gs, B, j0, k0);
+  load_sub_tile(gt_jk, Gt, B, j0, k0);
   for (int64_t i0 = 0; i0 < B; i0 += IC) {
     __syncthreads();
     stage_rows<acc_t, IC>(us_ij, Us, B, i0, j0);  // [i][j]
@@ -366,6 +364,22 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // ---------------------------------------------------------------- PKT
 
+// The end of a per-row kernel of PKT and similarity: sums the thread's loss and sigma over
+// the block and writes row i's four terms (rows is [4, B]: two of the row's own, sigma,
+// the loss).
+template <typename acc_t>
+__device__ __forceinline__ void write_row_terms(acc_t* __restrict__ rows, int64_t B, int64_t i, acc_t first,
+                                                acc_t second, acc_t sigma, acc_t loss, acc_t* scratch) {
+  loss = block_sum(loss, scratch);
+  sigma = block_sum(sigma, scratch);
+  if (threadIdx.x == 0) {
+    rows[i] = first;
+    rows[B + i] = second;
+    rows[2 * B + i] = sigma;
+    rows[3 * B + i] = loss;
+  }
+}
+
 // Row i: rows[0][i] = r_s, rows[1][i] = r_t (row sums of K), rows[2][i] = sigma (times B^2),
 // rows[3][i] = the loss row.
 template <typename acc_t>
@@ -388,14 +402,14 @@ __global__ void __launch_bounds__(kRowThreads)
     loss += pkt_loss_term(pt, ps, eps);
     sigma -= pt / (ps + eps) * ps;
   }
-  loss = block_sum(loss, scratch);
-  sigma = block_sum(sigma, scratch);
-  if (threadIdx.x == 0) {
-    rows[i] = r_s;
-    rows[B + i] = r_t;
-    rows[2 * B + i] = sigma;
-    rows[3 * B + i] = loss;
-  }
+  write_row_terms(rows, B, i, r_s, r_t, sigma, loss, scratch);
+}
+
+// One model's P at (row, col): its kernel value over the row's sum r.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pkt_probability(const acc_t* G, int64_t B, int64_t row, int64_t col, acc_t r,
+                                                 acc_t eps) {
+  return pkt_kernel(G[row * B + col], pkt_inv_norm(G[row * B + row], eps), pkt_inv_norm(G[col * B + col], eps)) / r;
 }
 
 // kappa = dL/dK at (row, col), from the row's sums (times B^2).
@@ -403,10 +417,7 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t pkt_kappa(const acc_t* Gs, const acc_t* Gt, const acc_t* rows, int64_t B,
                                            int64_t row, int64_t col, acc_t eps) {
   const acc_t r_s = rows[row], r_t = rows[B + row], sigma = rows[2 * B + row];
-  const acc_t ps = pkt_kernel(Gs[row * B + col], pkt_inv_norm(Gs[row * B + row], eps),
-                              pkt_inv_norm(Gs[col * B + col], eps)) / r_s;
-  const acc_t pt = pkt_kernel(Gt[row * B + col], pkt_inv_norm(Gt[row * B + row], eps),
-                              pkt_inv_norm(Gt[col * B + col], eps)) / r_t;
+  const acc_t ps = pkt_probability(Gs, B, row, col, r_s, eps), pt = pkt_probability(Gt, B, row, col, r_t, eps);
   return (-pt / (ps + eps) - sigma) / r_s;
 }
 
@@ -463,14 +474,7 @@ __global__ void __launch_bounds__(kRowThreads)
     loss += diff * diff;
     sigma += diff * hs;
   }
-  loss = block_sum(loss, scratch);
-  sigma = block_sum(sigma, scratch);
-  if (threadIdx.x == 0) {
-    rows[i] = norm_s;
-    rows[B + i] = norm_t;
-    rows[2 * B + i] = sigma;
-    rows[3 * B + i] = loss;
-  }
+  write_row_terms(rows, B, i, norm_s, norm_t, sigma, loss, scratch);
 }
 
 template <typename acc_t>
@@ -497,28 +501,17 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // ---------------------------------------------------------------- host side
 
-template <typename T>
-const T* cdata(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
-}
-
-template <typename T>
-T* mdata(const at::Tensor& t) {
-  return t.mutable_data_ptr<T>();
-}
-
 std::tuple<at::Tensor, at::Tensor> rkd_gram_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
                                                  double dist_weight, double angle_weight, double tol,
                                                  bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "rkd_gram");
   const c10::cuda::CUDAGuard guard(g_s_in.device());
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
+  const GramProblem g = prepare_grams(g_s_in, g_t_in, compute_grad, "rkd_gram");
+  const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+  const int64_t B = g.B;
   const auto opts = gs.options();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool with_distance = dist_weight != 0, with_angle = angle_weight != 0;
   at::Tensor loss = at::zeros({}, opts);
-  at::Tensor S = compute_grad ? at::empty({B, B}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "rkd_gram_cuda", [&] {
     using acc_t = scalar_t;
     // d2, u, beta of the student (0..2) and the teacher (3..5); distance sums per row.
@@ -556,7 +549,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_gram_cuda(const at::Tensor& g_s_in, const
       rkd_angle_rows_kernel<acc_t><<<dim3(tiles, tiles), threads, 0, stream>>>(
           args, B, mdata<acc_t>(R), mdata<acc_t>(T), mdata<acc_t>(loss_parts));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      rkd_angle_cols_kernel<acc_t><<<tiles * (tiles + 1) / 2, threads, 0, stream>>>(args, B, mdata<acc_t>(P));
+      const int64_t tile_pairs = tiles * (tiles + 1) / 2;  // (j-tile, k-tile) with j-tile <= k-tile
+      rkd_angle_cols_kernel<acc_t><<<tile_pairs, threads, 0, stream>>>(args, B, mdata<acc_t>(P));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       loss.add_(loss_parts.sum(), double(wa));
     }
@@ -604,13 +598,12 @@ struct SimilarityKernels {
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor> gram_rows_loss_cuda(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
                                                        double param, bool compute_grad, const char* op) {
-  check_grams(g_s_in, g_t_in, op);
   const c10::cuda::CUDAGuard guard(g_s_in.device());
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
+  const GramProblem g = prepare_grams(g_s_in, g_t_in, compute_grad, op);
+  const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+  const int64_t B = g.B;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor rows = at::empty({4, B}, gs.options());
-  at::Tensor S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "gram_rows_loss_cuda", [&] {
     using acc_t = scalar_t;
     const GramRowsKernel<acc_t> rows_kernel = Kernels::template rows<acc_t>();

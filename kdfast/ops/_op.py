@@ -35,15 +35,17 @@ What every op shares, so that no family writes it again:
 - An op with a ``compute_grad`` argument refuses to backpropagate a call made without it.
 - Calling the op: traced calls (torch.compile, functorch transforms, fake or functional
   tensors) go through the ``torch.library`` custom op; eager calls run the same function,
-  setup_context and backward in a plain ``torch.autograd.Function`` (tensor lists
-  flattened), without the custom op's per-call argument handling in Python (~0.1 ms on a
-  CPU core, ~0.3 ms with lists: as long as the kernels at the sizes of a training step).
+  setup_context and backward in a plain ``torch.autograd.Function`` that tracks only the
+  inputs named in ``grads`` (tensor lists spliced in), without the custom op's per-call
+  argument handling in Python (~0.1 ms a step on a CPU core: as long as the kernels at the
+  sizes of a training step).
   An op without autograd (a backward op, an in-place helper) runs its function directly.
 """
 from __future__ import annotations
 
 import collections
 import importlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -62,8 +64,9 @@ def traced(args: Sequence) -> bool:
         return True
     for a in args:
         if type(a) is list:
-            if any(type(t) not in _PLAIN_TENSORS for t in a):
-                return True
+            for t in a:
+                if type(t) not in _PLAIN_TENSORS:
+                    return True
         elif isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
             return True
     return False
@@ -109,6 +112,8 @@ class Kernels:
         return select_backend(op, self.backends, device, check)
 
     def __call__(self, name: str, backend: str) -> Callable:
+        # Looked up on every call (a dictionary lookup or two), so that a replaced kernel
+        # function (tests inject faults this way) takes effect at once.
         if backend == "triton":
             module = importlib.import_module(f"kdfast.triton.{self.family}")
             return getattr(module, self.triton_names.get(name, name))
@@ -121,13 +126,13 @@ class FusedOp:
     ``torch.library`` op (``torch.ops.kdfast.<name>``)."""
 
     def __init__(self, name: str, fn: Callable, grads: Sequence[str], mutates_args: Sequence[str]):
-        self.fn = fn
-        self.custom_op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
-        arguments = self.custom_op._opoverload._schema.arguments
-        names = [a.name for a in arguments]
+        names = list(inspect.signature(fn).parameters)
         unknown = [g for g in grads if g not in names]
         if unknown:
-            raise TypeError(f"{name}: grads names {unknown}, which are not arguments of the op ({', '.join(names)})")
+            raise TypeError(f"{name}: grads names {unknown}, not arguments of the op ({', '.join(names)})")
+        self.name, self.fn = name, fn
+        self.custom_op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
+        arguments = self.custom_op._opoverload._schema.arguments
         self._arity = len(arguments)
         self._inputs = collections.namedtuple(f"{fn.__name__}_inputs", names)
         self._lists = tuple(i for i, a in enumerate(arguments) if isinstance(a.type, torch.ListType))
@@ -141,44 +146,68 @@ class FusedOp:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         """``backward(ctx, grad_loss)`` -> the gradients of the inputs named in ``grads``."""
-        name, lists, grad_positions, arity = self.custom_op._name, self._lists, self._grads, self._arity
+        name, lists, grad_positions, arity = self.name, self._lists, self._grads, self._arity
         compute_grad_at, named_inputs = self._compute_grad, self._inputs
 
         def setup(ctx, inputs, output):
             ctx.set_materialize_grads(False)  # by-products are saved, not differentiated
             if lists:
-                ctx.kdfast_list_lengths = tuple(len(inputs[i]) for i in lists)
+                ctx.kdfast_list_lengths = {i: len(inputs[i]) for i in lists}
             if compute_grad_at is not None:
                 ctx.kdfast_compute_grad = inputs[compute_grad_at]
             setup_context(ctx, named_inputs(*inputs), output)
 
+        def found_grads(ctx, grad_loss):
+            """The gradients of the inputs named in grads, in order; None when no gradient
+            reached the loss."""
+            if grad_loss is None:
+                return None
+            if compute_grad_at is not None and not ctx.kdfast_compute_grad:
+                raise RuntimeError(f"{name} was called with compute_grad=False and cannot backpropagate")
+            found = backward(ctx, grad_loss)
+            return (found,) if len(grad_positions) == 1 else found
+
         def input_grads(ctx, grad_loss, *_by_products):
+            """One gradient per argument of the op (the custom op's autograd)."""
             grads = [None] * arity
-            if grad_loss is not None:  # else no gradient reached the loss
-                if compute_grad_at is not None and not ctx.kdfast_compute_grad:
-                    raise RuntimeError(f"kdfast: {name} was called with compute_grad=False and cannot "
-                                       f"backpropagate")
-                found = backward(ctx, grad_loss)
-                for i, g in zip(grad_positions, (found,) if len(grad_positions) == 1 else found):
+            found = found_grads(ctx, grad_loss)
+            if found is not None:
+                for i, g in zip(grad_positions, found):
                     grads[i] = g
-            if lists:
-                for i, n in zip(lists, ctx.kdfast_list_lengths):
-                    if grads[i] is None:
-                        grads[i] = [None] * n
+            for i in lists:
+                if grads[i] is None:
+                    grads[i] = [None] * ctx.kdfast_list_lengths[i]
             return tuple(grads)
 
+        def eager_grads(ctx, grad_loss, *_by_products):
+            """One gradient per tensor the eager Function tracks: those of grads, lists spliced."""
+            found = found_grads(ctx, grad_loss)
+            flat = [None]  # the arguments tuple
+            for k, i in enumerate(grad_positions):
+                g = None if found is None else found[k]
+                if i in lists:
+                    flat.extend(g if g is not None else [None] * ctx.kdfast_list_lengths[i])
+                else:
+                    flat.append(g)
+            return tuple(flat)
+
         self.custom_op.register_autograd(input_grads, setup_context=setup)
-        self._eager = _eager_function(self.fn, setup, input_grads, self._lists, self._arity)
+        self._eager = _eager_function(self.fn, setup, eager_grads)
 
     def __call__(self, *args):
         if traced(args):
             return self.custom_op(*args)
         if self._eager is None:
             return self.fn(*args)
-        if not self._lists:
-            return self._eager.apply(None, *args)
-        flat, lengths = _flatten(args, self._lists)
-        return self._eager.apply(lengths, *flat)
+        # Autograd tracks the inputs that receive a gradient (tensor lists spliced in); the
+        # function gets the arguments as they are.
+        tracked = []
+        for i in self._grads:
+            if i in self._lists:
+                tracked.extend(args[i])
+            else:
+                tracked.append(args[i])
+        return self._eager.apply(args, *tracked)
 
 
 def fused_op(name: str, grads: Sequence[str] = (), mutates_args: Sequence[str] = ()) -> Callable[[Callable], FusedOp]:
@@ -186,49 +215,19 @@ def fused_op(name: str, grads: Sequence[str] = (), mutates_args: Sequence[str] =
     return lambda fn: FusedOp(name, fn, grads, mutates_args)
 
 
-def _flatten(args: Sequence, lists: tuple[int, ...]) -> tuple[list, tuple[int, ...]]:
-    """The arguments with their tensor lists spliced in, and the lists' lengths."""
-    flat, lengths = [], []
-    for i, a in enumerate(args):
-        if i in lists:
-            flat.extend(a)
-            lengths.append(len(a))
-        else:
-            flat.append(a)
-    return flat, tuple(lengths)
-
-
-def _unflatten(flat: Sequence, lengths: tuple[int, ...], lists: tuple[int, ...], arity: int) -> list:
-    """The inverse of _flatten."""
-    args, at, lengths_left = [], 0, iter(lengths)
-    for i in range(arity):
-        if i in lists:
-            n = next(lengths_left)
-            args.append(list(flat[at:at + n]))
-            at += n
-        else:
-            args.append(flat[at])
-            at += 1
-    return args
-
-
-def _eager_function(fn: Callable, setup: Callable, input_grads: Callable, lists: tuple[int, ...], arity: int):
+def _eager_function(fn: Callable, setup: Callable, eager_grads: Callable):
     """The op as a plain autograd.Function: the same function, setup and backward."""
 
     class Eager(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, lengths, *flat):
-            args = flat if lengths is None else _unflatten(flat, lengths, lists, arity)
+        def forward(ctx, args, *tracked):
             output = fn(*args)
             setup(ctx, args, output)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
-            grads = input_grads(ctx, *grads)
-            if lists:
-                grads, _ = _flatten(grads, lists)
-            return (None, *grads)
+            return eager_grads(ctx, *grads)
 
     Eager.__name__ = Eager.__qualname__ = f"{fn.__name__}_eager"
     return Eager

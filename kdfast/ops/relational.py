@@ -345,6 +345,6 @@ def similarity_preserving_loss(f_s, f_t, p=2):
     f_t = f_t.detach()
     path = {1: "p1", 2: "p2"}.get(p, "p")
     backend = _backend_for("similarity_preserving", f_s, f_t, path, lambda s, t: similarity_preserving_loss(s, t, p))
-    if backend == "torch" or not math.isfinite(p):  # the kernels take a finite p
+    if backend == "torch":
         return similarity_preserving_ref(f_s, f_t, p)
     return similarity_preserving(_flat(f_s), _flat(f_t), float(p), needs_grad(f_s), backend)[0]

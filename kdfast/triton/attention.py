@@ -11,8 +11,6 @@ spatial dims merge into one run (NCHW and channels_last alike).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl

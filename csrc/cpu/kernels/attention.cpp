@@ -71,7 +71,11 @@ Vec power_grad(const Vec& f, const Exponent<Vec>& p_minus_1) {
   }
 }
 
-enum class Layout { Positions, Channels, Strided };
+enum class Layout {
+  Positions,
+  Channels,
+  Strided,
+};
 
 // Positions contiguous is preferred when a row holds at least a vector.
 template <typename acc_t>

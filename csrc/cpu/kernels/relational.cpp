@@ -22,18 +22,6 @@ namespace kdfast {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
-
-template <typename T>
-const T* cdata(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
-}
-
-template <typename T>
-T* mdata(const at::Tensor& t) {
-  return t.mutable_data_ptr<T>();
-}
-
 // Rows per task: 64k elements or more each (a B x B pass at B = 128 is ~20 us of work:
 // threads would only cost their start and the wait for a busy core).
 int64_t row_grain(int64_t B) { return std::max<int64_t>(1, 65536 / B); }
@@ -157,15 +145,24 @@ acc_t rkd_angle_sums(const at::Tensor& gs, const at::Tensor& gt, const RkdSide<a
   return sum_of<acc_t>(loss_rows);
 }
 
-std::tuple<at::Tensor, at::Tensor> rkd_gram_cpu(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
-                                                double dist_weight, double angle_weight, double tol,
-                                                bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "rkd_gram");
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
-  at::Tensor loss, S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
-  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "rkd_gram_cpu", [&] {
-    using acc_t = scalar_t;
+// The frame every relational CPU kernel shares: checked contiguous Grams, S, one dispatch
+// on their dtype. body(acc_t(0), g) fills g.S (with compute_grad) and returns the loss.
+template <typename Body>
+std::tuple<at::Tensor, at::Tensor> gram_loss_cpu(const at::Tensor& g_s, const at::Tensor& g_t, bool compute_grad,
+                                                 const char* op, const Body& body) {
+  const GramProblem g = prepare_grams(g_s, g_t, compute_grad, op);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(g.gs.scalar_type(), "relational_gram_cpu",
+                             [&] { loss = at::scalar_tensor(body(scalar_t(0), g), g.gs.options()); });
+  return {loss, g.S};
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_gram_cpu(const at::Tensor& g_s, const at::Tensor& g_t, double dist_weight,
+                                                double angle_weight, double tol, bool compute_grad) {
+  return gram_loss_cpu(g_s, g_t, compute_grad, "rkd_gram", [&](auto zero, const GramProblem& g) {
+    using acc_t = decltype(zero);
+    const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+    const int64_t B = g.B;
     const auto s = rkd_pairs<acc_t>(gs, tol), t = rkd_pairs<acc_t>(gt, tol);
     const bool with_distance = dist_weight != 0, with_angle = angle_weight != 0;
     const acc_t wd = dist_weight, inv_b2 = acc_t(1) / acc_t(B * B);
@@ -183,8 +180,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_gram_cpu(const at::Tensor& g_s_in, const 
       T = at::empty({B, B}, gs.options());
       total += wa_b3 * rkd_angle_sums(gs, gt, s, t, P, R, T);
     }
-    loss = at::scalar_tensor(total, gs.options());
-    if (!compute_grad) return;
+    if (!compute_grad) return total;
     const acc_t *d2s = cdata<acc_t>(s.d2), *d2t = cdata<acc_t>(t.d2);
     const acc_t* us = cdata<acc_t>(s.u);
     const acc_t* p = with_angle ? cdata<acc_t>(P) : nullptr;
@@ -217,18 +213,16 @@ std::tuple<at::Tensor, at::Tensor> rkd_gram_cpu(const at::Tensor& g_s_in, const 
         out[i * B + i] = 2 * sum_f + (with_angle ? wa_b3 * 2 * (p[i * B + i] + sum_r) : acc_t(0));
       }
     });
+    return total;
   });
-  return {loss, S};
 }
 
-std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
-                                                double eps_in, bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "pkt_gram");
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
-  at::Tensor loss, S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
-  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "pkt_gram_cpu", [&] {
-    using acc_t = scalar_t;
+std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s, const at::Tensor& g_t, double eps_in,
+                                                bool compute_grad) {
+  return gram_loss_cpu(g_s, g_t, compute_grad, "pkt_gram", [&](auto zero, const GramProblem& g) {
+    using acc_t = decltype(zero);
+    const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+    const int64_t B = g.B;
     using Vec = Vectorized<acc_t>;
     constexpr int64_t K = Vec::size();
     const acc_t eps = eps_in, inv_b2 = acc_t(1) / acc_t(B * B);
@@ -269,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s_in, const 
         for (int64_t j = 0; j < B; ++j) ps[j] = (-pt[j] / (ps[j] + eps) * inv_b2 - sig) * inv_r;
       }
     });
-    loss = at::scalar_tensor(sum_of<acc_t>(rows[2]) * inv_b2, gs.options());
-    if (!compute_grad) return;
+    const acc_t loss = sum_of<acc_t>(rows[2]) * inv_b2;
+    if (!compute_grad) return loss;
     const acc_t* kappa = Ps;
     acc_t* out = mdata<acc_t>(S);
     at::parallel_for(0, B, row_grain(B), [&](int64_t begin, int64_t end) {
@@ -285,18 +279,16 @@ std::tuple<at::Tensor, at::Tensor> pkt_gram_cpu(const at::Tensor& g_s_in, const 
         if (cs[i] != acc_t(0) && norm > acc_t(0)) out[i * B + i] -= lambda * cs[i] * cs[i] / norm;
       }
     });
+    return loss;
   });
-  return {loss, S};
 }
 
-std::tuple<at::Tensor, at::Tensor> similarity_gram_cpu(const at::Tensor& g_s_in, const at::Tensor& g_t_in,
-                                                       double p_in, bool compute_grad) {
-  check_grams(g_s_in, g_t_in, "similarity_gram");
-  const at::Tensor gs = g_s_in.contiguous(), gt = g_t_in.contiguous();
-  const int64_t B = gs.size(0);
-  at::Tensor loss, S = compute_grad ? at::empty({B, B}, gs.options()) : at::empty({0}, gs.options());
-  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "similarity_gram_cpu", [&] {
-    using acc_t = scalar_t;
+std::tuple<at::Tensor, at::Tensor> similarity_gram_cpu(const at::Tensor& g_s, const at::Tensor& g_t, double p_in,
+                                                       bool compute_grad) {
+  return gram_loss_cpu(g_s, g_t, compute_grad, "similarity_gram", [&](auto zero, const GramProblem& g) {
+    using acc_t = decltype(zero);
+    const at::Tensor &gs = g.gs, &gt = g.gt, &S = g.S;
+    const int64_t B = g.B;
     const acc_t p = p_in, inv_b2 = acc_t(1) / acc_t(B * B);
     at::Tensor loss_rows = at::empty({B}, gs.options());
     // The student's normalised rows, then dL/dG.
@@ -331,16 +323,16 @@ std::tuple<at::Tensor, at::Tensor> similarity_gram_cpu(const at::Tensor& g_s_in,
         }
       }
     });
-    loss = at::scalar_tensor(sum_of<acc_t>(loss_rows) * inv_b2, gs.options());
-    if (!compute_grad) return;
+    const acc_t loss = sum_of<acc_t>(loss_rows) * inv_b2;
+    if (!compute_grad) return loss;
     acc_t* out = mdata<acc_t>(S);
     at::parallel_for(0, B, row_grain(B), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t j = 0; j < B; ++j) out[i * B + j] = dG[i * B + j] + dG[j * B + i];
       }
     });
+    return loss;
   });
-  return {loss, S};
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 // Fused temperature-softmax KL on the CPU (math: softmax_kl_math.h), compiled once per
-// instruction set (csrc/cpu/dispatch.h).
+// instruction set (csrc/cpu/dispatch.h). The other divergences (reverse KL, JSD, TVD) and
+// sparse teachers are in softmax_divergence.cpp; the table of entry points at the end of
+// this file holds them all.
 //
 // Rows layout (a row's classes contiguous): one worker owns whole rows, three sweeps each:
 //   1. the maxima of s and t (the row comes from memory, or from L2 when prefetched);
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/kernels/softmax_divergence.h"
 #include "cpu/memory.h"
 #include "cpu/vec.h"
 #include "softmax_kl.h"
@@ -300,10 +303,16 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at:
                                                   const std::optional<at::Tensor>& target,
                                                   const at::Tensor& scale, int64_t dim, double T,
                                                   int64_t ignore_index, double alpha, double beta,
-                                                  bool decoupled, bool compute_grad) {
-  const SoftmaxKLProblem p = prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled,
-                                                compute_grad, &empty_like_reused);
+                                                  bool decoupled, bool compute_grad, c10::string_view divergence,
+                                                  double jsd_beta) {
+  SoftmaxKLProblem p = prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled,
+                                          compute_grad, &empty_like_reused);
+  set_divergence(p, divergence, jsd_beta);
   const double grad_scale = scale.item<double>();
+  if (p.divergence != Divergence::ForwardKL) {
+    softmax_divergence_cpu(p, grad_scale);
+    return {p.row_loss, p.grad};
+  }
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cpu", [&] {
     if (p.layout == KernelLayout::Rows) {
       softmax_kl_rows<scalar_t>(p, grad_scale);
@@ -330,7 +339,7 @@ at::Tensor cpu_exp(const at::Tensor& x, c10::string_view impl, int64_t repeats) 
 }  // namespace
 
 extern const SoftmaxKLKernels kSoftmaxKLKernels;
-const SoftmaxKLKernels kSoftmaxKLKernels{&softmax_kl_cpu, &cpu_exp};
+const SoftmaxKLKernels kSoftmaxKLKernels{&softmax_kl_cpu, &softmax_kl_topk_cpu, &cpu_exp};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace kdfast

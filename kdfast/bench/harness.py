@@ -7,10 +7,15 @@ measured once for peak extra memory (CUDA allocator stats; the CPU allocator's e
 the profiler), then freed before the next. Ratios between providers are computed from
 one run, side by side; floors a case declares are recorded as met or not.
 
+Each run also measures the machine's copy bandwidth (``copy_bandwidth``); a timing whose
+case declares its minimal memory traffic reports its effective GB/s and that as a fraction
+of the copy bandwidth. A case of a sweep names the shape key it varies (``sweep``), which
+``kdfast bench --plot`` draws on the x axis (kdfast/bench/plot.py).
+
 Results are JSON lines: one record per provider, one per ratio, each with the
-environment (device, torch, triton, kdfast commit, date). Every timing also records the
-first call and the 90th percentile. A case may ask for more (self-contained additions at the
-end of this module): steadiness (the provider's calls alone and each after a large freshly
+environment (device, torch, triton, kdfast commit, date, copy bandwidth). Every timing also records
+the first call and the 90th percentile. A case may ask for more (self-contained additions at
+the end of this module): steadiness (the provider's calls alone and each after a large freshly
 written temporary, with page faults per call and the kernel's memory counters; the cost of
 writing fresh memory), and floors measured in the same run (the copy rate at the case's
 traffic and the exp throughput of the kernels' own exp, for the memory and compute floors).
@@ -24,6 +29,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -77,6 +83,18 @@ class Roofline:
 
 
 @dataclass
+class StoredRatio:
+    """What ``provider`` keeps of an input (``what``, e.g. the teacher) must be at least
+    ``smaller`` times fewer bytes than what ``baseline`` keeps of it."""
+    what: str
+    provider: str
+    provider_bytes: int
+    baseline: str
+    baseline_bytes: int
+    smaller: float
+
+
+@dataclass
 class Case:
     op: str
     shape: dict[str, int]
@@ -88,17 +106,21 @@ class Case:
     gbps_floors: dict[str, float] = field(default_factory=dict)       # provider -> min effective GB/s
     memory_ceilings: dict[str, int] = field(default_factory=dict)     # provider -> max peak extra bytes
     memory_ratios: list[MemoryRatio] = field(default_factory=list)
+    stored_ratios: list[StoredRatio] = field(default_factory=list)
     note: str = ""
+    sweep: str | None = None           # the shape key a sweep varies (the x axis of --plot)
     steadiness: Steadiness | None = None    # first call, p90, interleaved with temporaries
     roofline: Roofline | None = None        # memory and compute floors measured in the run
 
 
 def kdfast_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The git commit kdfast was imported from (an editable install in a checkout), with
+    "-dirty" for uncommitted changes; "unknown" for an installed kdfast."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("-dirty" if dirty else "") if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -158,7 +180,8 @@ def time_runner(run: Runner, device: str, warmup: int, repeat: int) -> list[floa
 
 
 def peak_extra_memory(run: Runner, device: str) -> int | None:
-    """Peak bytes allocated by one call beyond what existed before it."""
+    """Peak bytes allocated by one call beyond what existed before it (outputs included:
+    the runners of fwd_bwd start without a gradient)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -184,13 +207,71 @@ def quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, Any]]:
+def copy_bandwidth(device: str, nbytes: int | None = None, repeat: int = 11) -> float:
+    """The machine's copy bandwidth in GB/s: ``dst.copy_(src)`` of a buffer far larger than
+    the caches (256 MiB on the CPU, 1 GiB on a GPU), bytes read plus bytes written over the
+    fastest of ``repeat`` copies (what the machine can do: on a shared machine the median
+    copy waits for other work)."""
+    nbytes = nbytes or (2**30 if device == "cuda" else 2**28)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = time_runner(lambda: dst.copy_(src), device, warmup=2, repeat=repeat)
+    return 2 * nbytes / (min(times) * 1e-3) / 1e9
+
+
+class Progress:
+    """A progress bar on stderr, on a terminal only: providers timed of how many, elapsed
+    and estimated time left, what runs now. ``log`` prints a line above it."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.enabled = total > 0 and stream.isatty()
+        self.start_time, self.label = time.perf_counter(), ""
+
+    def _draw(self) -> None:
+        elapsed = time.perf_counter() - self.start_time
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        filled = int(24 * self.done / self.total)
+        self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (24 - filled)}] {self.done}/{self.total} "
+                          f"{elapsed:4.0f}s, ~{left:.0f}s left  {self.label}"[:160])
+        self.stream.flush()
+
+    def start(self, label: str) -> None:
+        """A provider starts; the previous one, if any, is done."""
+        if self.label:
+            self.done += 1
+        self.label = label
+        if self.enabled:
+            self._draw()
+
+    def log(self, line: str) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        print(line, flush=True)
+        if self.enabled:
+            self._draw()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def run_case(case: Case, warmup: int, repeat: int, log=print, copy_gbps: float | None = None,
+             progress: Progress | None = None) -> list[dict[str, Any]]:
     env = environment(case.device)
     base = {**env, "op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", "")}
     if case.note:
         base["note"] = case.note
+    if case.sweep:
+        base["sweep"] = case.sweep
+    if copy_gbps:
+        base["copy_gbps"] = copy_gbps
     records, medians, measured, reference = [], {}, {}, None
     for name, provider in case.providers.items():
+        if progress is not None:
+            progress.start(f"{case.op} {' '.join(f'{k}={v}' for k, v in case.shape.items())} {name}")
         record = {**base, "kind": "timing", "provider": name}
         try:
             run = provider()
@@ -213,6 +294,8 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
             if case.min_bytes:
                 record["min_bytes"] = case.min_bytes
                 record["effective_gbps"] = case.min_bytes / (record["median_ms"] * 1e-3) / 1e9
+                if copy_gbps:
+                    record["copy_fraction"] = record["effective_gbps"] / copy_gbps
             peak = peak_extra_memory(run, case.device)
             if peak is not None:
                 record["peak_extra_mb"] = peak / 2**20
@@ -260,6 +343,13 @@ def run_case(case: Case, warmup: int, repeat: int, log=print) -> list[dict[str, 
             record["error"] = "the baseline did not run"
         records.append(record)
         log(_format(record))
+    for stored in case.stored_ratios:
+        ratio = stored.baseline_bytes / stored.provider_bytes
+        record = {**base, "kind": "stored", "what": stored.what, "provider": stored.provider,
+                  "baseline": stored.baseline, "bytes": stored.provider_bytes, "baseline_bytes": stored.baseline_bytes,
+                  "smaller": ratio, "floor": stored.smaller, "met": ratio >= stored.smaller}
+        records.append(record)
+        log(_format(record))
     for r in steadiness_records(case, base, measured) + roofline_records(case, base, measured):
         records.append(r)
         log(_format(r))
@@ -284,6 +374,9 @@ def _format(r: dict[str, Any]) -> str:
         return f"{head} {r['speedup']:7.2f}x vs {r['baseline']} (floor {r['floor']}x: {met})"
     if r["kind"] == "bandwidth":
         return f"{head} {r['effective_gbps'] or 0:8.1f} GB/s effective (floor {r['floor_gbps']}: {met})"
+    if r["kind"] == "stored":
+        return (f"{head} {r['what']}: {r['bytes'] / 2**20:.2f} MB vs {r['baseline_bytes'] / 2**20:.1f} MB "
+                f"({r['smaller']:.0f}x smaller, floor {r['floor']:g}x: {met})")
     if r["kind"] == "memory":
         of = f" = {r['fraction']:g} x {r['baseline']}" if "baseline" in r else ""
         return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}{of}: {met})"
@@ -296,6 +389,8 @@ def _format(r: dict[str, Any]) -> str:
         text += f" (max rel. diff {r['vs_first_provider']:.1e})"
     if "effective_gbps" in r:
         text += f" {r['effective_gbps']:8.1f} GB/s"
+    if "copy_fraction" in r:
+        text += f" ({r['copy_fraction']:4.2f} of copy)"
     if "peak_extra_mb" in r:
         text += f" {r['peak_extra_mb']:9.1f} MB extra"
     return text
@@ -308,14 +403,30 @@ def write_records(records: list[dict[str, Any]], path: str) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def fwd_bwd(loss_fn: Callable[..., torch.Tensor], student: torch.Tensor, *args, **kwargs) -> Runner:
-    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student``;
-    returns both (checked once against the eager formula's)."""
+def kdfast_backends(kernels, device: str, with_torch: bool = True) -> list[str]:
+    """kdfast's backends to time for an op family on this device: those that can run it
+    here (Triton on a GPU only: interpreted, it is not worth timing)."""
+    from .. import _backend
+
+    names = _backend.BACKENDS if with_torch else _backend.BACKENDS[1:]
+    return [b for b in names if _backend.unavailable_reason(b, device, kernels) is None
+            and not (b == "triton" and device == "cpu")]
+
+
+def fwd_bwd(loss_fn: Callable[..., torch.Tensor], student, *args, **kwargs) -> Runner:
+    """A runner computing ``loss_fn(student, *args)`` and its gradient w.r.t. ``student`` (a
+    tensor, or a list of them). The gradient is dropped at the end of the call, so that
+    each call starts without one: its peak extra memory counts the gradient it writes. Returns
+    the loss and the gradients (checked once against the first provider's)."""
+    students = student if isinstance(student, (list, tuple)) else [student]
+
     def run():
-        student.grad = None
         loss = loss_fn(student, *args, **kwargs)
         loss.backward()
-        return loss.detach(), student.grad
+        grads = [s.grad for s in students]
+        for s in students:
+            s.grad = None
+        return (loss.detach(), *grads)  # checked once against the eager formula's
     return run
 
 

@@ -1,14 +1,14 @@
 """Attention transfer forward + backward against fasterai's eager Attention formula and
-torch.compile of it, for one layer pair and for a resnet-like set of three pairs."""
+torch.compile of it, for one layer pair and for a resnet-like set of three pairs (cases
+with floors), and a sweep of the batch size for one layer pair."""
 from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Floor, Roofline, Steadiness
-from bench.peers import fasterai_attention
+from .harness import Case, Floor, Roofline, Steadiness, fwd_bwd, kdfast_backends
+from .peers import fasterai_attention
 
 import kdfast
-from kdfast import _backend
 from kdfast.functional import attention_transfer
 from kdfast.ops.attention import KERNELS
 
@@ -21,35 +21,24 @@ def _inputs(batch, pairs, dtype, device, seed=0):
     return fs, ft
 
 
-def _fwd_bwd(loss_fn, fs, ft):
-    def run():
-        for f in fs:
-            f.grad = None
-        loss = loss_fn(fs, ft)
-        loss.backward()
-        return (loss.detach(), *(f.grad for f in fs))
-    return run
-
-
 def _providers(batch, pairs, dtype, device):
     def eager():
-        return _fwd_bwd(fasterai_attention, *_inputs(batch, pairs, dtype, device))
+        return fwd_bwd(fasterai_attention, *_inputs(batch, pairs, dtype, device))
 
     def compiled():
-        return _fwd_bwd(torch.compile(fasterai_attention), *_inputs(batch, pairs, dtype, device))
+        return fwd_bwd(torch.compile(fasterai_attention), *_inputs(batch, pairs, dtype, device))
 
     def kdfast_backend(name):
         def build():
             def loss(fs, ft):
                 with kdfast.use_backend(name):
                     return attention_transfer(fs, ft)
-            return _fwd_bwd(loss, *_inputs(batch, pairs, dtype, device))
+            return fwd_bwd(loss, *_inputs(batch, pairs, dtype, device))
         return build
 
     providers = {"fasterai-eager": eager, "torch-compile": compiled}
-    for name in ("torch",) + _backend.BACKENDS[1:]:
-        if _backend.unavailable_reason(name, device, KERNELS) is None and not (name == "triton" and device == "cpu"):
-            providers[f"kdfast-{name}"] = kdfast_backend(name)
+    for name in kdfast_backends(KERNELS, device):
+        providers[f"kdfast-{name}"] = kdfast_backend(name)
     return providers
 
 
@@ -64,6 +53,18 @@ def _shape(batch, pairs):
         suffix = str(i) if len(pairs) > 1 else ""
         shape.update({f"Cs{suffix}": cs, f"Ct{suffix}": ct, f"H{suffix}": h, f"W{suffix}": h})
     return shape
+
+
+def sweep(device: str, quick: bool) -> list[Case]:
+    """One layer pair (256 student / 512 teacher channels), batch sizes doubling."""
+    if device == "cpu":
+        dtype, pair, batches = torch.float32, (256, 512, 16), [4, 16] if quick else [4, 8, 16, 32, 64, 128]
+    else:
+        dtype, pair, batches = torch.bfloat16, (256, 512, 56), [16, 64] if quick else [16, 32, 64, 128, 256, 512]
+    size = torch.empty((), dtype=dtype).element_size()
+    return [Case("attention_transfer", _shape(b, [pair]), dtype, device, _providers(b, [pair], dtype, device),
+                 min_bytes=_min_bytes(b, [pair], size), sweep="B", note="size sweep")
+            for b in batches]
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.harness import Case, Floor
+from .harness import Case, Floor
 
 N_TRAIN, SIZE, BS = 1437, 32, 64
 

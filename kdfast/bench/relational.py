@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import Case, Floor, MemoryRatio, fwd_bwd
-from bench.peers import canonical_pkt, canonical_rkd, fasterai_similarity
+from .harness import Case, Floor, MemoryRatio, fwd_bwd, kdfast_backends
+from .peers import canonical_pkt, canonical_rkd, fasterai_similarity
 
 import kdfast
-from kdfast import _backend
 from kdfast import functional as KF
 from kdfast.ops.relational import KERNELS
 
@@ -26,22 +25,23 @@ def _inputs(b, d, dtype, device, seed=0):
     return s, t
 
 
-def _providers(eager_name, eager, kdfast_fn, b, d, dtype, device, compiled):
+def _providers(eager_name, eager, kdfast_fn, b, d, dtype, device, compiled, eager_up_to=None):
     def build(fn):
         def provider():
             s, t = _inputs(b, d, dtype, device)
             return fwd_bwd(fn, s, t)
         return provider
 
-    providers = {eager_name: build(eager)}
-    if compiled:
-        providers["torch-compile"] = build(torch.compile(eager))
-    for name in _backend.BACKENDS[1:]:
-        if _backend.unavailable_reason(name, device, KERNELS) is None and not (name == "triton" and device == "cpu"):
-            def loss(s, t, name=name):
-                with kdfast.use_backend(name):
-                    return kdfast_fn(s, t)
-            providers[f"kdfast-{name}"] = build(loss)
+    providers = {}
+    if eager_up_to is None or b <= eager_up_to:  # the canonical RKD's [B, B, D] tensors
+        providers[eager_name] = build(eager)
+        if compiled:
+            providers["torch-compile"] = build(torch.compile(eager))
+    for name in kdfast_backends(KERNELS, device, with_torch=False):
+        def loss(s, t, name=name):
+            with kdfast.use_backend(name):
+                return kdfast_fn(s, t)
+        providers[f"kdfast-{name}"] = build(loss)
     return providers
 
 
@@ -50,6 +50,24 @@ LOSSES = [  # op, eager provider's name, eager formula, kdfast function
     ("pkt", "canonical-eager", canonical_pkt, KF.pkt),
     ("similarity_preserving", "fasterai-eager", fasterai_similarity, KF.similarity_preserving),
 ]
+
+
+def sweep(device: str, quick: bool) -> list[Case]:
+    """RKD (distance + angle) over batch sizes: B x B Grams and a B^3 angle term; the
+    canonical code's [B, B, D] tensors limit it to the smaller batches."""
+    if device == "cpu":
+        d, dtype, eager_up_to = 1024, torch.float32, 256
+        batches = [16, 64] if quick else [16, 32, 64, 128, 256, 512]
+    else:
+        d, dtype, eager_up_to = 4096, torch.bfloat16, 512
+        batches = [128, 512] if quick else [128, 256, 512, 1024, 2048, 4096]
+    op, eager_name, eager, kdfast_fn = LOSSES[0]
+    size = torch.empty((), dtype=dtype).element_size()
+    return [Case(op, {"B": b, "D": d}, dtype, device,
+                 _providers(eager_name, eager, kdfast_fn, b, d, dtype, device, compiled=device == "cpu",
+                            eager_up_to=eager_up_to),
+                 min_bytes=3 * b * d * size, sweep="B", note="size sweep (read e_s, e_t, write the gradient)")
+            for b in batches]
 
 
 def cases(device: str, quick: bool) -> list[Case]:

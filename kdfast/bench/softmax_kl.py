@@ -1,15 +1,15 @@
 """Fused softmax-KL (SoftTarget) forward + backward against fasterai's eager formula,
-torch.compile of it, and Liger-Kernel where importable."""
+torch.compile of it, and Liger-Kernel where importable: one case with floors, and a sweep
+of the vocabulary size V from 1k to 256k."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Floor, Roofline, Steadiness, fwd_bwd
-from bench.peers import fasterai_soft_target
+from .harness import Case, Floor, Roofline, Steadiness, fwd_bwd, kdfast_backends
+from .peers import fasterai_soft_target
 
 import kdfast
-from kdfast import _backend
 from kdfast.functional import soft_target_kl
 from kdfast.ops.softmax_kl import KERNELS
 
@@ -41,9 +41,8 @@ def _providers(n, v, dtype, device, T):
         return build
 
     providers = {"fasterai-eager": eager, "torch-compile": compiled}
-    for name in ("torch",) + _backend.BACKENDS[1:]:
-        if _backend.unavailable_reason(name, device, KERNELS) is None and not (name == "triton" and device == "cpu"):
-            providers[f"kdfast-{name}"] = kdfast_backend(name)
+    for name in kdfast_backends(KERNELS, device):
+        providers[f"kdfast-{name}"] = kdfast_backend(name)
     if device == "cuda":
         try:
             from liger_kernel.transformers import LigerKLDIVLoss
@@ -62,6 +61,23 @@ def _providers(n, v, dtype, device, T):
     return providers
 
 
+def _min_bytes(n, v, dtype):
+    """Read s, read t, write the gradient."""
+    return 3 * n * v * torch.empty((), dtype=dtype).element_size()
+
+
+def sweep(device: str, quick: bool) -> list[Case]:
+    """V from 1k to 256k classes (16k and 64k on a quick run), a fixed number of rows."""
+    T = 4.0
+    n, dtype = (256, torch.float32) if device == "cpu" else (2048, torch.bfloat16)
+    sizes = [2**k for k in (range(10, 17, 2) if quick else range(10, 19))]
+    if quick:
+        n = n // 4
+    return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
+                 min_bytes=_min_bytes(n, v, dtype), sweep="V", note="size sweep")
+            for v in sizes]
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     T = 4.0
     if device == "cpu":
@@ -71,7 +87,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         # Floors: read s, read t, write grad at the copy rate; two exponentials per element
         # (softmax of the student and of the teacher: each needed elementwise for the gradient).
         return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
-                     min_bytes=3 * n * v * 4,
+                     min_bytes=_min_bytes(n, v, dtype),
                      floors=[Floor("kdfast-cpu", "fasterai-eager", 4.0), Floor("kdfast-cpu", "torch-compile", 1.5)],
                      steadiness=Steadiness(["kdfast-cpu"], (2**26 if quick else 1_250_000_000), fresh_bytes=n * v * 4),
                      roofline=Roofline("kdfast-cpu", exps=2 * n * v, within=1.5))]
@@ -80,7 +96,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     grad_bytes = n * v * 2
     best = [p for p in ("kdfast-cuda", "kdfast-triton")]
     return [Case("soft_target_kl", {"N": n, "V": v}, dtype, device, _providers(n, v, dtype, device, T),
-                 min_bytes=3 * n * v * 2,
+                 min_bytes=_min_bytes(n, v, dtype),
                  floors=[Floor(p, b, 1.5) for p in best for b in ("torch-compile", "liger-kl-div")],
                  gbps_floors={p: 3000.0 for p in best},
                  memory_ceilings={p: int(grad_bytes + 0.01 * 3 * grad_bytes) for p in best})]
