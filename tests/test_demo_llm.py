@@ -17,7 +17,7 @@ def test_demo_llm_tiny_run(tmp_path, capsys):
     out = tmp_path / "out"
     try:
         code = cli.main(["demo", "llm", "--steps", "4", "--teacher-steps", "6", "--seq", "16", "--bs", "4",
-                     "--chars", "4000", "--teacher", "16,1,2", "--student", "8,1,2", "--memory-shape", "64,500,16",
+                         "--chars", "4000", "--teacher", "16,1,2", "--student", "8,1,2", "--memory-shape", "64,500,16",
                          "--out", str(out), "--quiet", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
