@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def train(model, train_ds, valid_ds, steps: int, lr: float, bs: int, out: Path, 
     from .integrations.hf import DistillationTrainer
 
     args = transformers.TrainingArguments(
-        output_dir=str(out / "trainer"), use_cpu=True, report_to=[], save_strategy="no", seed=seed,
+        output_dir=tempfile.mkdtemp(prefix="kdfast-demo-llm-"),  # nothing is saved there (save_strategy 'no')
+        use_cpu=True, report_to=[], save_strategy="no", seed=seed,
         per_device_train_batch_size=bs, per_device_eval_batch_size=4 * bs, max_steps=steps, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
         eval_strategy="steps", eval_steps=max(1, steps // evals), logging_steps=max(1, steps // evals),
