@@ -22,6 +22,11 @@ from kdfast import functional as KF
 from kdfast.ops.fused_linear import KERNELS
 
 
+# (warmup, repeat): a call takes seconds on a 2-core CPU (four N x V x H matmuls, and the
+# eager path's and the peers' elementwise passes); medians of 5.
+REPEATS = {"cpu": (1, 5), "cuda": (3, 15)}
+
+
 def _inputs(n, v, h, dtype, device, seed=0):
     """Student hidden states and head (with gradients), teacher hidden states and head."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -95,7 +100,7 @@ def _providers(n, v, h, dtype, device, beta):
         return build
 
     providers = {"eager": provider(lambda: eager_loss(beta))}
-    for name in kdfast_backends(KERNELS, device):
+    for name in kdfast_backends(KERNELS, device, with_torch=False):  # (the torch backend: chunks by autograd)
         providers[f"kdfast-{name}"] = provider(lambda name=name: kdfast_loss(beta, name))
     if _importable("trl"):
         providers["trl-chunked"] = provider(lambda: trl_loss(beta))
@@ -122,6 +127,7 @@ def cases(device: str, quick: bool) -> list[Case]:
                 floors.append(Floor(best, peer, 1.2))
                 memory.append(MemoryRatio(best, peer, 1.0))
         out.append(Case(op, {"N": n, "V": v, "H": h}, dtype, device, providers, floors=floors, memory_ratios=memory,
+                        repeats=REPEATS[device],
                         note=f"beta={beta} (0: forward KL), T=1, student and teacher heads, gradients of the "
                              f"student's hidden states and head weight; eager: logits materialised, TRL's "
                              f"generalized_jsd_loss"))
