@@ -147,7 +147,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     token is ignored) or not ('sum').
 
     Computed a chunk of ``chunk_size`` rows at a time (default: rows such that one float32
-    [rows, V] tile is about 8 MiB on the CPU, 1/128 of the GPU's memory within [256 MiB,
+    [rows, V] tile is about 32 MiB on the CPU, 1/128 of the GPU's memory within [256 MiB,
     1 GiB] on a GPU; kdfast.ops.fused_linear.default_chunk_size), with the gradients in the
     forward pass: extra memory O(chunk·V + V·H) whatever N. The logits, the divergence and
     the gradients are in float32 (float64 for float64); the weight gradient of bfloat16 /

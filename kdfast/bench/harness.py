@@ -79,6 +79,7 @@ class Case:
     stored_ratios: list[StoredRatio] = field(default_factory=list)
     note: str = ""
     sweep: str | None = None           # the shape key a sweep varies (the x axis of --plot)
+    repeats: tuple[int, int] | None = None  # (warmup, repeat) for calls of seconds, instead of the run's
 
 
 def kdfast_commit() -> str:

@@ -57,13 +57,16 @@ KERNELS = _skl.KERNELS  # the divergence kernels it runs on each chunk
 REDUCTIONS = ("mean", "sum")
 
 # Chunk size rule: rows per chunk so that one float32 [rows, V] tile is about TILE_BYTES
-# (a few such tiles are alive at once), rounded down to a multiple of ROW_MULTIPLE, at least
-# ROW_MULTIPLE and at most N. CPU: 8 MiB, which keeps the extra memory at N = 2048,
-# V = 32000 a few percent of the materialised path's while the matmuls still see >= 64 rows
-# (MKL's efficiency flattens out there); the row kernels stream each row through L2
-# whatever the tile. GPU: 1/128 of the device's memory, clamped to [256 MiB, 1 GiB] (2048
-# rows at V = 128256 on an 80-141 GB GPU: the GEMMs are large enough to run at full speed).
-CPU_TILE_BYTES = 8 << 20
+# (about four such tiles are alive at once: the student's and the teacher's logits, the
+# gradient, the cross-entropy's), rounded down to a multiple of ROW_MULTIPLE, at least
+# ROW_MULTIPLE and at most N. CPU: 32 MiB (256 rows at V = 32000): the matmuls then see
+# enough rows that W and grad_W, re-read once per chunk, are not what bounds them (measured
+# at N = 2048, V = 32000, H = 256: 128 rows ~8% slower, 384 no faster), while the extra memory
+# stays a few percent of the materialised path's; the row kernels stream each row through
+# the caches whatever the tile. GPU: 1/128 of the device's memory, clamped to
+# [256 MiB, 1 GiB] (2048 rows at V = 128256 on an 80-141 GB GPU: GEMMs large enough to run
+# at full speed, ~4 GiB of tiles).
+CPU_TILE_BYTES = 32 << 20
 GPU_TILE_BYTES = (256 << 20, 1 << 30)
 ROW_MULTIPLE = {"cpu": 16, "cuda": 64}
 
@@ -147,12 +150,24 @@ class _Head:
         x = self.x[r0:r1]
         return x if self.out_dtype else x.to(self.acc)
 
-    def logits(self, r0: int, r1: int) -> torch.Tensor:
+    def logits(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of rows r0:r1, written into ``out`` ([>= r1 - r0, V] in acc, reused
+        from chunk to chunk: no fresh pages to fault in) when given."""
         x = self.rows(r0, r1)
+        if out is not None:
+            out = out[:r1 - r0]
         if self.out_dtype:
             z = torch.mm(x, self.w.t(), out_dtype=self.acc)
             return z if self.b is None else z.add_(self.b)
-        return x @ self.w.t() if self.b is None else torch.addmm(self.b, x, self.w.t())
+        if self.b is None:
+            return torch.mm(x, self.w.t(), out=out) if out is not None else x @ self.w.t()
+        return torch.addmm(self.b, x, self.w.t(), out=out) if out is not None else torch.addmm(self.b, x, self.w.t())
+
+    def tile(self, rows: int) -> torch.Tensor | None:
+        """A buffer for ``logits(..., out=)`` (None where the matmul allocates its output)."""
+        if self.out_dtype:
+            return None
+        return torch.empty((rows, self.w.shape[0]), dtype=self.acc, device=self.x.device)
 
     def backward(self, g: torch.Tensor, r0: int, r1: int, grad_x: torch.Tensor, grad_w: torch.Tensor,
                  grad_b: torch.Tensor | None) -> None:
@@ -255,16 +270,19 @@ def fused_linear_kd(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t_
     kd_total = torch.zeros((), dtype=acc, device=h.device)
     ce_total = torch.zeros((), dtype=acc, device=h.device)
     do_kd, do_ce = soft_weight != 0 or parts, target is not None and (hard_weight != 0 or parts)
+    rows = min(chunk_size, N)
+    z_tile = student.tile(rows)
+    t_tile = teacher.tile(rows) if teacher is not None and do_kd else None
     for r0 in range(0, N, chunk_size):
         r1 = min(N, r0 + chunk_size)
-        z = student.logits(r0, r1)
+        z = student.logits(r0, r1, z_tile)
         tc = None if target is None else target[r0:r1]
         g = None
         if do_kd:
             if indices is not None:
                 chunk_teacher = (indices[r0:r1], logprobs[r0:r1])
             elif teacher is not None:
-                chunk_teacher = (teacher.logits(r0, r1),)
+                chunk_teacher = (teacher.logits(r0, r1, t_tile),)
             else:
                 chunk_teacher = (t_logits[r0:r1].to(acc),)
             weight = soft_weight if soft_weight != 0 else 1.0
