@@ -12,7 +12,8 @@ import torch
 import kdfast
 from kdfast import functional as KF
 from kdfast.ops import fused_linear as op
-from helpers import LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, kernel_backends
+from helpers import (LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params,
+                     kernel_backends)
 
 N, H, HT, V = 37, 16, 24, 101  # odd N and V; the teacher wider than the student
 CHUNK = 10  # does not divide N
@@ -277,6 +278,39 @@ def test_default_chunk_size_rule():
     assert op.default_chunk_size(5000, 1000, cpu) == 5000  # whole small problems in one chunk
 
 
+GPU_PARAMS = [p for p in backend_params(op.KERNELS) if p.values[0] == "cuda"] or [
+    pytest.param("cuda", "cuda", marks=[pytest.mark.gpu, pytest.mark.skip(reason="no CUDA GPU")])]
+# On a GPU, bfloat16 / float16 heads run their matmuls in that dtype (float32 outputs): the
+# gradient g is rounded to it for the two gradient matmuls, on top of the output's rounding.
+GPU_GRAD_TOLERANCE = {**GRAD_TOLERANCE, torch.bfloat16: 2 * TOLERANCE[torch.bfloat16]}
+
+
+@pytest.mark.gpu_core
+@pytest.mark.parametrize("device,backend", GPU_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["hidden+bias", "logits", "topk-bucket"])
+def test_gpu_matches_reference(device, backend, dtype, form):
+    """The GPU path (cuBLAS matmuls, out_dtype for bfloat16, the CUDA / Triton divergence
+    kernels) on several chunks, against the float64 reference on the CPU."""
+    h, w, b, teacher, target = make(dtype, n=300, v=5003)
+    t = teacher_form(teacher, form)
+    kw = dict(target=target, divergence="jsd", beta=0.5, soft_weight=1.0, hard_weight=0.5)
+    expected = reference(h, w, b, t, **kw)
+
+    def cuda(x):
+        return x.detach().to(device).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+
+    t_gpu = kdfast.TopK(*map(cuda, t)) if isinstance(t, kdfast.TopK) else cuda(t) if isinstance(t, torch.Tensor) \
+        else tuple(map(cuda, t))
+    kw["target"] = cuda(target)
+    (loss, kd, ce), grads = run(backend, cuda(h), cuda(w), cuda(b), t_gpu, chunk_size=128, **kw)
+    for name, a, e in (("loss", loss, expected[0][0]), ("kd", kd, expected[0][1]), ("ce", ce, expected[0][2])):
+        assert_close(a.cpu(), e, LOSS_TOLERANCE[dtype], name, floor=1e-12)
+    for name, a, e in zip(("grad h", "grad w", "grad b"), grads, expected[1]):
+        assert a.dtype == dtype
+        assert_close(a.cpu(), e, GPU_GRAD_TOLERANCE[dtype], name)
+
+
 def _allocations(fn):
     """(largest single CPU allocation, peak of live bytes allocated) during fn(), from the
     profiler's record of every allocation of the CPU allocator (C++ kernels included)."""
@@ -425,3 +459,28 @@ def test_no_nan_when_logits_are_extreme():
                               divergence="jsd")
     grads = torch.autograd.grad(loss, (h, w))
     assert math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_bench_declares_the_issue_floors():
+    """kdfast bench fused_linear: the CPU cases (N = 2048, V = 32000, H = 256, float32) hold
+    the floors against the eager path and the peers; the GPU case (bfloat16, N = 16384,
+    V = 128256, H = 4096) is declared without a GPU; a quick case's providers agree."""
+    from kdfast.bench import fused_linear as bench
+
+    cpu = bench.cases("cpu", False)
+    assert [(c.op, c.shape, c.dtype) for c in cpu] == [
+        ("fused_linear jsd", {"N": 2048, "V": 32000, "H": 256}, torch.float32),
+        ("fused_linear forward_kl", {"N": 2048, "V": 32000, "H": 256}, torch.float32)]
+    for case in cpu:
+        floors = {(f.baseline, f.speedup) for f in case.floors if f.provider == "kdfast-cpu"}
+        memory = {(m.baseline, m.fraction) for m in case.memory_ratios if m.provider == "kdfast-cpu"}
+        assert ("eager", 1.0) in floors and ("eager", 0.10) in memory
+        for peer in ("trl-chunked", "liger", "liger-compiled"):
+            assert (peer in case.providers) == ((peer, 1.2) in floors) == ((peer, 1.0) in memory)
+    gpu = bench.cases("cuda", False)
+    assert gpu[0].shape == {"N": 16384, "V": 128256, "H": 4096} and gpu[0].dtype == torch.bfloat16
+    assert {f.baseline for f in gpu[0].floors} >= {"eager"}
+    quick = bench.cases("cpu", True)[0]
+    outputs = [quick.providers[name]()() for name in ("eager", "kdfast-cpu")]
+    for a, e in zip(*outputs):
+        assert_close(a, e, 1e-4, "kdfast vs eager")
