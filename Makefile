@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CXX_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 SOURCES := setup.py $(CXX_SOURCES)
 
-.PHONY: test lint format build demo bench info gpu-check gpu-stack-check clean
+.PHONY: test lint format build demo demo-llm bench info gpu-check gpu-stack-check clean
 
 test: $(VENV)/.built  ## build what changed and run the test suite
 	$(PY) -m pytest -q
@@ -41,6 +41,12 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 DEMO_ARGS ?=
 demo: $(VENV)/.built  ## the fasterai distillation tutorial, offline
 	$(PY) -m kdfast.cli demo $(DEMO_ARGS)
+
+# A causal LM distilled with the Hugging Face Trainer, offline (Python's own documentation as
+# text): a Llama teacher, a smaller student alone and with forward KL, reverse KL and JSD;
+# perplexity table, plot and numbers in demo_out/llm/. Options: make demo-llm DEMO_ARGS="--steps 60"
+demo-llm: $(VENV)/.built  ## a language model distilled with the Hugging Face Trainer, offline
+	$(PY) -m kdfast.cli demo llm $(DEMO_ARGS)
 
 bench: $(VENV)/.built  ## benchmarks for this machine's device; results in bench/results/
 	$(PY) -m kdfast.cli bench

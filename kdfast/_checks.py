@@ -274,3 +274,113 @@ def check_callback_arguments(teacher, loss, weight, schedule, student_names: lis
         raise ValueError(f"{op}: {len(student_names)} student layer(s) {student_names} but {len(teacher_names)} "
                          f"teacher layer(s) {teacher_names}; pass one teacher layer per student layer, in "
                          f"matching order (match_feature_layers finds pairs)")
+
+
+def check_weight(value, name: str, op: str) -> float:
+    """A loss term's weight: a finite number >= 0."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op}: {name} must be a finite number >= 0 (the term's weight in the loss), got {value!r}")
+    return float(value)
+
+
+def _check_head(hidden, weight, bias, op: str, who: str, names: tuple[str, str, str], rows: int | None = None):
+    """A linear head: hidden states [..., H] (rows = their leading dims), weight [V, H],
+    bias [V] or None, one device. Returns the hidden states as [rows, H]."""
+    h_name, w_name, b_name = names
+    check_tensor(hidden, h_name, op)
+    check_tensor(weight, w_name, op)
+    if hidden.dim() < 2:
+        raise ValueError(f"{op}: {h_name} has shape {_shape(hidden)}; the {who}'s hidden states are [N, H] or "
+                         f"[B, S, H] (the inputs of its LM head)")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: {w_name} has shape {_shape(weight)}; an LM head's weight is [V, H] "
+                         f"(lm_head.weight, e.g. model.get_output_embeddings().weight)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: {h_name} has width {hidden.shape[-1]} (shape {_shape(hidden)}) but {w_name} is "
+                         f"{_shape(weight)}: the weight's second dim must be the hidden width (weight [V, H], "
+                         f"hidden [..., H]; pass lm_head.weight, not its transpose)")
+    if weight.device != hidden.device:
+        raise ValueError(f"{op}: {h_name} is on {hidden.device} and {w_name} on {weight.device}; put them on one "
+                         f"device")
+    if bias is not None:
+        check_tensor(bias, b_name, op)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{op}: {b_name} has shape {_shape(bias)}; the head's bias is [V] = "
+                             f"[{weight.shape[0]}] for {w_name} {_shape(weight)}")
+        if bias.device != weight.device:
+            raise ValueError(f"{op}: {b_name} is on {bias.device} and {w_name} on {weight.device}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if rows is not None and flat.shape[0] != rows:
+        raise ValueError(f"{op}: {h_name} has {flat.shape[0]} rows (shape {_shape(hidden)}) and the student "
+                         f"{rows}; teacher and student must see the same tokens")
+    return flat
+
+
+def check_fused_linear(student_hidden, student_weight, student_bias, teacher, target, divergence, T, soft_weight,
+                       hard_weight, reduction, chunk_size, tail, ignore_index, divergences, op: str):
+    """fused_linear_kd's inputs, flattened to rows: (h [N, H], teacher_args (t_hidden,
+    t_weight, t_bias, t_logits, indices, logprobs), target [N] or None, T, soft_weight,
+    hard_weight, tail)."""
+    from .topk import TopK
+
+    h = _check_head(student_hidden, student_weight, student_bias, op, "student",
+                    ("student_hidden", "student_weight", "student_bias"))
+    N, V = h.shape[0], student_weight.shape[0]
+    lead = student_hidden.shape[:-1]
+    if divergence not in divergences:
+        raise ValueError(f"{op}: unknown divergence {divergence!r}; choose one of {', '.join(map(repr, divergences))}")
+    T = check_temperature(T, op)
+    soft_weight = check_weight(soft_weight, "soft_weight", op)
+    hard_weight = check_weight(hard_weight, "hard_weight", op)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{op}: reduction={reduction!r}; fused_linear_kd reduces over the tokens with 'mean' (over "
+                         f"the tokens kept) or 'sum' ('none' is not available: the weight gradient is summed over "
+                         f"the tokens as they are processed)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int (rows per chunk) or None (the rule of "
+                         f"kdfast.ops.fused_linear.default_chunk_size), got {chunk_size!r}")
+    # A stand-in for the [N, V] logits (no memory) for the checks written for logits.
+    logits = torch.empty((), dtype=torch.float32, device=h.device).expand(N, V)
+    teacher_args = [None] * 6
+    if isinstance(teacher, TopK):
+        try:
+            indices, logprobs = check_topk(teacher, logits.view(*lead, V), len(lead), op, "teacher")
+        except ValueError as e:
+            raise ValueError(f"{e} (here: the hidden states' leading dims {list(lead)} with the class dim of "
+                             f"size k)") from None
+        tail = check_tail(tail, T, op)
+        teacher_args[4:] = [indices.reshape(N, -1), logprobs.reshape(N, -1)]
+        check_topk_indices(teacher_args[4], V, 1, "teacher")
+    elif isinstance(teacher, torch.Tensor):
+        check_tensor(teacher, "teacher", op)
+        if teacher.shape[-1] != V or teacher.numel() != N * V:
+            raise ValueError(f"{op}: teacher logits have shape {_shape(teacher)}; they must be [..., V] with the "
+                             f"student's tokens: {list(lead) + [V]} (or [{N}, {V}])")
+        if teacher.device != h.device:
+            raise ValueError(f"{op}: teacher logits are on {teacher.device} and student_hidden on {h.device}")
+        teacher_args[3] = teacher.reshape(N, V)
+    elif isinstance(teacher, (tuple, list)) and len(teacher) in (2, 3):
+        t_bias = teacher[2] if len(teacher) == 3 else None
+        t_h = _check_head(teacher[0], teacher[1], t_bias, op, "teacher",
+                          ("teacher[0] (hidden states)", "teacher[1] (weight)", "teacher[2] (bias)"), rows=N)
+        if teacher[1].shape[0] != V:
+            raise ValueError(f"{op}: the teacher's head has {teacher[1].shape[0]} classes (teacher[1] "
+                             f"{_shape(teacher[1])}) and the student's {V} (student_weight "
+                             f"{_shape(student_weight)}); distillation needs one vocabulary")
+        if t_h.device != h.device:
+            raise ValueError(f"{op}: the teacher's hidden states are on {t_h.device} and the student's on "
+                             f"{h.device}")
+        teacher_args[:3] = [t_h, teacher[1], t_bias]
+    else:
+        length = f" of length {len(teacher)}" if isinstance(teacher, (tuple, list)) else ""
+        raise TypeError(f"{op}: teacher must be (teacher_hidden, teacher_weight), (teacher_hidden, teacher_weight, "
+                        f"teacher_bias), the teacher's logits [..., V] or a kdfast.TopK; got "
+                        f"{type(teacher).__name__}{length}")
+    if target is not None:
+        target = check_target(target, logits, 1, op, ignore_index, V)
+    elif hard_weight != 0:
+        raise ValueError(f"{op}: hard_weight={hard_weight:g} needs target (the labels of the cross-entropy term); "
+                         f"pass target, or hard_weight=0")
+    return h, tuple(teacher_args), target, T, soft_weight, hard_weight, tail

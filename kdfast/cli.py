@@ -1,4 +1,4 @@
-"""The ``kdfast`` command: ``kdfast info``, ``kdfast bench``, ``kdfast demo``."""
+"""The ``kdfast`` command: ``kdfast info``, ``kdfast bench``, ``kdfast demo``, ``kdfast demo llm``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and the status of every backend")
     sub.add_parser("bench", help="time kdfast's kernels against their peers (kdfast bench --help)", add_help=False)
-    sub.add_parser("demo", help="fasterai's distillation tutorial, offline (needs fastai)", add_help=False)
+    sub.add_parser("demo", help="fasterai's distillation tutorial, offline (needs fastai); `kdfast demo llm`: "
+                                "a language model with the Hugging Face Trainer (needs transformers)", add_help=False)
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "info":
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(argv: list[str]) -> int:
+    if argv[:1] == ["llm"]:
+        return _demo_llm(argv[1:])
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")  # fastai's import
     try:
@@ -37,6 +40,19 @@ def _demo(argv: list[str]) -> int:
         return 2
     from .demo import main as demo_main
     return demo_main(argv)
+
+
+def _demo_llm(argv: list[str]) -> int:
+    try:
+        import accelerate  # noqa: F401
+        import matplotlib  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(f"kdfast demo llm needs transformers, accelerate and matplotlib ({e}); install them with "
+              f"pip install 'kdfast[hf]' matplotlib")
+        return 2
+    from .demo_llm import main as demo_llm_main
+    return demo_llm_main(argv)
 
 
 def _bench(argv: list[str]) -> int:

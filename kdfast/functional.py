@@ -15,12 +15,13 @@ import torch
 
 from . import _checks as checks
 from .ops import attention as _attention
+from .ops import fused_linear as _fused_linear
 from .ops import relational as _relational
-from .ops.softmax_kl import softmax_kl_loss, softmax_kl_topk_loss
+from .ops.softmax_kl import DIVERGENCES, softmax_kl_loss, softmax_kl_topk_loss
 from .topk import TopK
 
 __all__ = [
-    "soft_target_kl", "reverse_kl", "jsd", "tvd", "decoupled_kd", "attention_transfer",
+    "soft_target_kl", "reverse_kl", "jsd", "tvd", "fused_linear_kd", "decoupled_kd", "attention_transfer",
     "rkd", "rkd_distance", "rkd_angle", "pkt", "similarity_preserving",
 ]
 
@@ -119,6 +120,55 @@ def tvd(student_logits: torch.Tensor, teacher_logits, T: float = 1.0, reduction:
 
 for _fn in (soft_target_kl, reverse_kl, jsd, tvd):
     _fn.__doc__ += _COMMON_DOC
+
+
+def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher, target=None,
+                    divergence: str = "forward_kl", beta: float = 0.5, T: float = 1.0, soft_weight: float = 1.0,
+                    hard_weight: float = 0.0, ignore_index: int = -100, student_bias: torch.Tensor | None = None,
+                    reduction: str = "mean", chunk_size: int | None = None, return_parts: bool = False,
+                    tail: str = "bucket"):
+    """LLM distillation from the LM heads' inputs: ``soft_weight · KD + hard_weight · CE``,
+    the [tokens, vocab] logits never materialised.
+
+    student_hidden: [N, H] or [B, S, H], the student's final hidden states (the input of its
+    LM head); student_weight: [V, H] (``lm_head.weight``), student_bias: [V] or None.
+    teacher: ``(teacher_hidden, teacher_weight)`` or ``(teacher_hidden, teacher_weight,
+    teacher_bias)`` with the teacher's own width H_t (its hidden states shaped like the
+    student's but for the width), the teacher's logits [..., V], or a ``kdfast.TopK``
+    ([..., k], with ``tail`` as in :func:`jsd`). The teacher never receives gradient (its
+    logits are computed under no_grad); gradients reach student_hidden, student_weight and
+    student_bias.
+
+    KD is ``divergence`` ('forward_kl', 'reverse_kl', 'jsd' with ``beta``, 'tvd') at
+    temperature T, scaled as :func:`soft_target_kl`, :func:`jsd`, ... scale it (T², T for
+    TVD); CE is the cross-entropy of the student's logits (at T = 1) against ``target``.
+    Both are summed over the tokens whose target is not ``ignore_index`` (every token without
+    a target; hard_weight > 0 needs one) and divided by their count ('mean', 0 when every
+    token is ignored) or not ('sum').
+
+    Computed a chunk of ``chunk_size`` rows at a time (default: rows such that one float32
+    [rows, V] tile is about 32 MiB on the CPU, 1/128 of the GPU's memory within [256 MiB,
+    1 GiB] on a GPU; kdfast.ops.fused_linear.default_chunk_size), with the gradients in the
+    forward pass: extra memory O(chunk·V + V·H) whatever N. The logits, the divergence and
+    the gradients are in float32 (float64 for float64); the weight gradient of bfloat16 /
+    float16 weights is accumulated in float32 over the chunks and rounded once.
+
+    Returns the loss (float32, float64 for float64 inputs), or with ``return_parts`` the
+    tuple ``(loss, kd, ce)`` of the loss and its two unweighted terms (detached, for
+    logging; a term of weight 0 is then computed too, without gradient).
+    """
+    op = "fused_linear_kd"
+    h, teacher_args, target, T, soft_weight, hard_weight, tail = checks.check_fused_linear(
+        student_hidden, student_weight, student_bias, teacher, target, divergence, T, soft_weight, hard_weight,
+        reduction, chunk_size, tail, ignore_index, DIVERGENCES, op)
+    beta = checks.check_beta(beta, op)
+    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL's ends: exactly forward / reverse KL
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    loss, kd, ce = _fused_linear.fused_linear_kd_loss(
+        h, student_weight, student_bias, teacher_args, target, divergence=divergence, beta=beta, T=T,
+        soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index, tail=tail, reduction=reduction,
+        chunk_size=chunk_size, parts=bool(return_parts), op=op)
+    return (loss, kd, ce) if return_parts else loss
 
 
 def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,

@@ -7,10 +7,11 @@ import platform
 import torch
 
 from . import _backend, _extension, _validation, _verify
-from .ops import attention, relational, softmax_kl
+from .ops import attention, fused_linear, relational, softmax_kl
 
 OPS = {
     "soft_target_kl / reverse_kl / jsd / tvd (dense or top-k teachers) / decoupled_kd": softmax_kl.KERNELS,
+    "fused_linear_kd (LM heads + the softmax divergences, chunked)": fused_linear.KERNELS,
     "attention_transfer": attention.KERNELS,
     "rkd / rkd_distance / rkd_angle / pkt / similarity_preserving": relational.KERNELS,
 }

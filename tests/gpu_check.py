@@ -41,6 +41,9 @@ import xml.etree.ElementTree as ET
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAMILIES = ("softmax_kl", "attention", "relational")
+# Features that run a family's kernels: their tests (tests/test_<name>.py) run with the
+# family's, their benchmarks (kdfast bench <name>) after the family's.
+USES = {"softmax_kl": ("fused_linear",)}
 BACKENDS = ("cuda", "triton")
 FORBIDDEN = ("fastai", "fasterai", "sklearn", "trl", "transformers")
 # Test stages in order; marker expressions (a real run adds "gpu and").
@@ -286,10 +289,12 @@ def groups(run: Run) -> list[dict]:
 
 
 def family_tests(family: str) -> list[str]:
-    """A family's test files: tests/test_<family>.py and tests/test_<family>_*.py."""
+    """A family's test files: tests/test_<family>.py, tests/test_<family>_*.py and those of
+    the features built on its kernels (USES)."""
     tests = ROOT / "tests"
-    return [f"tests/{p.name}" for p in [tests / f"test_{family}.py", *sorted(tests.glob(f"test_{family}_*.py"))]
-            if p.exists()]
+    own = [tests / f"test_{family}.py", *sorted(tests.glob(f"test_{family}_*.py"))]
+    users = [tests / f"test_{name}.py" for name in USES.get(family, ())]
+    return [f"tests/{p.name}" for p in own + users if p.exists()]
 
 
 def run_group(run: Run, group: dict) -> dict:
@@ -419,6 +424,7 @@ def bench(run: Run) -> None:
         return
     budget = run.left() if not run.args.dry_run else min(run.left(), 5)
     families = [f for f in FAMILIES if wanted(run, f, "cuda") or wanted(run, f, "triton")]
+    families += [name for f in families for name in USES.get(f, ())]
     gpu = (run.summary.get("environment", {}).get("gpu") or "cpu").replace(" ", "-").lower()
     results = run.out / f"{gpu}_{run.stamp}.jsonl"
     run.files["bench"] = results

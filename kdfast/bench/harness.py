@@ -111,6 +111,7 @@ class Case:
     sweep: str | None = None           # the shape key a sweep varies (the x axis of --plot)
     steadiness: Steadiness | None = None    # first call, p90, interleaved with temporaries
     roofline: Roofline | None = None        # memory and compute floors measured in the run
+    repeats: tuple[int, int] | None = None  # (warmup, repeat) for calls of seconds, instead of the run's
 
 
 def kdfast_commit() -> str:

@@ -21,7 +21,7 @@ import torch
 
 from .harness import Progress, copy_bandwidth, environment, run_case, write_records
 
-FAMILIES = ["softmax_kl", "divergences", "attention", "relational", "callback"]
+FAMILIES = ["softmax_kl", "divergences", "fused_linear", "attention", "relational", "callback"]
 
 
 def results_folder() -> str:
@@ -89,7 +89,8 @@ def run(names: list[str], out: str | None, quick: bool, device: str | None = Non
     try:
         for cases, (warmup, repeat) in plan:
             for case in cases:
-                case_records = run_case(case, warmup, repeat, log=progress.log, copy_gbps=copy_gbps,
+                case_warmup, case_repeat = case.repeats if case.repeats and not quick else (warmup, repeat)
+                case_records = run_case(case, case_warmup, case_repeat, log=progress.log, copy_gbps=copy_gbps,
                                         progress=progress)
                 write_records(case_records, out)  # case by case: a run cut short keeps what it measured
                 records += case_records
