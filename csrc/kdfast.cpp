@@ -63,14 +63,22 @@ std::tuple<std::vector<int64_t>, std::string> softmax_kl_launch_plan(int64_t V, 
 
 TORCH_LIBRARY(kdfast_C, m) {
   m.def("build_info() -> str", &kdfast::build_info);
-  // Fused temperature-softmax KL (csrc/softmax_kl_math.h). Returns the T^2-scaled loss of
-  // every row (rows: the input's shape without `dim`, opmath dtype) and, when compute_grad,
-  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float64 tensor on s's
-  // device. decoupled: DecoupledKD, row loss T^2 (alpha TCKD + beta NCKD) (needs target).
+  // Fused temperature-softmax divergence (csrc/softmax_kl_math.h): forward KL (decoupled:
+  // DecoupledKD, row loss T^2 (alpha TCKD + beta NCKD), needs target), reverse_kl, jsd
+  // (jsd_beta in (0, 1)) or tvd. Returns the scaled loss of every row (T^2; T for tvd; rows:
+  // the input's shape without `dim`, opmath dtype) and, when compute_grad,
+  // d(sum_rows scale * row_loss)/ds in s's dtype; scale is a 0-dim float64 tensor on s's device.
   m.def(
       "softmax_kl(Tensor s, Tensor t, Tensor? target, Tensor scale, int dim, float T, "
       "int ignore_index, float alpha, float beta, bool decoupled, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "bool compute_grad, str divergence=\"forward_kl\", float jsd_beta=0.5) -> (Tensor, Tensor)");
+  // The same against a sparse (top-k) teacher: s [..., V] (classes last), indices [..., k]
+  // int64 and the teacher's log-probabilities [..., k] in s's accumulation dtype; renormalize
+  // or the tail bucket (csrc/softmax_kl_math.h). Returns the row losses [...] (opmath dtype)
+  // and, when compute_grad, the gradient [..., V] contiguous in s's dtype.
+  m.def(
+      "softmax_kl_topk(Tensor s, Tensor indices, Tensor logprobs, Tensor? target, Tensor scale, float T, "
+      "int ignore_index, str divergence, float jsd_beta, bool renormalize, bool compute_grad) -> (Tensor, Tensor)");
   // The CUDA kernels' launch plan (csrc/softmax_kl_plan.h), for tests on any machine.
   m.def("softmax_kl_launch_plan(int V, int elem_size, bool acc_double, bool vec, int[] limits) -> (int[], str)",
         &kdfast::softmax_kl_launch_plan);

@@ -3,7 +3,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/string_view.h>
+
 #include <optional>
+#include <vector>
 
 #include "common.h"
 #include "softmax_kl_math.h"
@@ -32,7 +35,19 @@ struct SoftmaxKLProblem {
   double T, alpha, beta, scale;
   int64_t ignore_index;
   bool decoupled, compute_grad;
+  Divergence divergence = Divergence::ForwardKL;
+  double jsd_beta = 0.5;
 };
+
+// The schema's divergence names (kdfast/ops/softmax_kl.py DIVERGENCES).
+inline Divergence parse_divergence(c10::string_view name) {
+  if (name == "forward_kl") return Divergence::ForwardKL;
+  if (name == "reverse_kl") return Divergence::ReverseKL;
+  if (name == "jsd") return Divergence::JSD;
+  if (name == "tvd") return Divergence::TVD;
+  KDFAST_CHECK(false, "softmax_kl: unknown divergence '", name, "' (forward_kl, reverse_kl, jsd or tvd)");
+  return Divergence::ForwardKL;
+}
 
 inline SoftmaxKLProblem prepare_softmax_kl(const at::Tensor& s, const at::Tensor& t,
                                            const std::optional<at::Tensor>& target,
@@ -78,6 +93,73 @@ inline SoftmaxKLProblem prepare_softmax_kl(const at::Tensor& s, const at::Tensor
   p.compute_grad = compute_grad;
   KDFAST_CHECK(!decoupled || p.target.defined(), "softmax_kl: decoupled mode needs a target");
   KDFAST_CHECK(!decoupled || p.view.V >= 2, "softmax_kl: decoupled mode needs >= 2 classes");
+  return p;
+}
+
+// The divergence and JSD's beta of a call; DecoupledKD is a forward KL.
+inline void set_divergence(SoftmaxKLProblem& p, c10::string_view divergence, double jsd_beta) {
+  p.divergence = parse_divergence(divergence);
+  KDFAST_CHECK(!p.decoupled || p.divergence == Divergence::ForwardKL, "softmax_kl: decoupled mode is a forward KL");
+  KDFAST_CHECK((jsd_beta > 0 && jsd_beta < 1) || p.divergence != Divergence::JSD,
+               "softmax_kl: jsd needs 0 < beta < 1 (its ends are forward_kl and reverse_kl), got ", jsd_beta);
+  p.jsd_beta = jsd_beta;
+}
+
+// A sparse (top-k) teacher's problem (kdfast::softmax_kl_topk): the student's rows [R, V]
+// with contiguous classes, the teacher's [R, k] int64 indices and log-probabilities in the
+// accumulation dtype, contiguous; the gradient [R, V] contiguous.
+struct SoftmaxKLTopKProblem {
+  at::Tensor s, indices, logprobs, target, row_loss, grad;
+  int64_t rows, V, k, s_row_stride;
+  double T, jsd_beta;
+  int64_t ignore_index;
+  Divergence divergence;
+  bool renormalize, compute_grad;
+};
+
+inline SoftmaxKLTopKProblem prepare_softmax_kl_topk(const at::Tensor& s, const at::Tensor& indices,
+                                                    const at::Tensor& logprobs,
+                                                    const std::optional<at::Tensor>& target, double T,
+                                                    int64_t ignore_index, c10::string_view divergence,
+                                                    double jsd_beta, bool renormalize, bool compute_grad) {
+  KDFAST_CHECK(s.dim() >= 1 && indices.dim() == s.dim() && logprobs.sizes() == indices.sizes() &&
+                   s.sizes().slice(0, s.dim() - 1) == indices.sizes().slice(0, s.dim() - 1),
+               "softmax_kl_topk: student ", s.sizes(), ", indices ", indices.sizes(), " and logprobs ",
+               logprobs.sizes(), " must be [..., V], [..., k], [..., k]");
+  KDFAST_CHECK(indices.scalar_type() == at::kLong, "softmax_kl_topk: indices must be int64");
+  KDFAST_CHECK(logprobs.scalar_type() == at::toOpMathType(s.scalar_type()),
+               "softmax_kl_topk: logprobs must be in the accumulation dtype of the student's");
+  KDFAST_CHECK(s.device() == indices.device() && s.device() == logprobs.device(), "softmax_kl_topk: devices differ");
+  KDFAST_CHECK(T > 0, "softmax_kl_topk: T must be > 0, got ", T);
+  SoftmaxKLTopKProblem p;
+  p.V = s.size(-1);
+  p.k = indices.size(-1);
+  KDFAST_CHECK(p.k >= 1 && p.k <= p.V, "softmax_kl_topk: k = ", p.k, " for ", p.V, " classes");
+  KDFAST_CHECK(renormalize || T == 1, "softmax_kl_topk: tail='bucket' needs T = 1, got ", T);
+  p.s = s.reshape({-1, p.V});
+  if (p.V > 1 && p.s.stride(1) != 1) p.s = p.s.contiguous();
+  p.rows = p.s.size(0);
+  p.s_row_stride = p.s.stride(0);
+  p.indices = indices.reshape({-1, p.k}).contiguous();
+  p.logprobs = logprobs.reshape({-1, p.k}).contiguous();
+  std::vector<int64_t> rows_shape = s.sizes().vec();
+  rows_shape.pop_back();
+  p.row_loss = at::empty(rows_shape, s.options().dtype(at::toOpMathType(s.scalar_type())));
+  if (target.has_value()) {
+    KDFAST_CHECK(target->numel() == p.rows, "softmax_kl_topk: target has ", target->numel(), " entries for ",
+                 p.rows, " rows");
+    KDFAST_CHECK(target->device() == s.device(), "softmax_kl_topk: target on another device");
+    p.target = target->to(at::kLong).contiguous();
+  }
+  p.grad = compute_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
+  p.T = T;
+  p.jsd_beta = jsd_beta;
+  p.ignore_index = ignore_index;
+  p.divergence = parse_divergence(divergence);
+  KDFAST_CHECK((jsd_beta > 0 && jsd_beta < 1) || p.divergence != Divergence::JSD,
+               "softmax_kl_topk: jsd needs 0 < beta < 1, got ", jsd_beta);
+  p.renormalize = renormalize;
+  p.compute_grad = compute_grad;
   return p;
 }
 

@@ -102,6 +102,87 @@ def check_target(target, logits: torch.Tensor, dim: int, op: str, ignore_index: 
     return target
 
 
+def check_beta(beta, op: str) -> float:
+    """The JSD interpolation weight: a number in [0, 1]."""
+    if isinstance(beta, torch.Tensor) and beta.numel() == 1:
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        raise ValueError(f"{op}: beta must be a number in [0, 1] (the teacher's weight in the mixture "
+                         f"m = beta·p_teacher + (1 - beta)·p_student; 0 is forward KL, 1 reverse KL), got {beta!r}")
+    return float(beta)
+
+
+def check_k(k, num_classes: int, op: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be a positive int (classes kept per row), got {k!r}")
+    if k > num_classes:
+        raise ValueError(f"{op}: k={k} is larger than the {num_classes} classes of a row; pass k <= {num_classes}")
+    return k
+
+
+def check_tail(tail, T: float, op: str) -> str:
+    """How a sparse teacher's missing mass is treated, and whether T can be applied to it."""
+    if tail not in ("bucket", "renormalize"):
+        raise ValueError(f"{op}: unknown tail {tail!r}; choose 'bucket' (the mass outside the top-k is one more "
+                         f"class) or 'renormalize' (both distributions restricted to the top-k)")
+    if tail == "bucket" and T != 1:
+        raise ValueError(f"{op}: T={T:g} with a TopK teacher and tail='bucket': the stored log-probabilities are "
+                         f"at T=1, and the tail's mass at another temperature is unknown. Use T=1, or "
+                         f"tail='renormalize' (re-tempers the stored top-k exactly, renormalised over them)")
+    return tail
+
+
+def check_topk(topk, student: torch.Tensor, dim: int, op: str, name: str = "teacher_logits"):
+    """A TopK teacher for ``student`` logits with the class dim ``dim``: (indices, logprobs)."""
+    indices, logprobs = topk
+    for part, x in (("indices", indices), ("logprobs", logprobs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name}.{part} must be a torch.Tensor, got {type(x).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name}.indices has dtype {indices.dtype}; class indices must be torch.int32 or "
+                        f"torch.int64 (kdfast.topk_logits makes them), e.g. indices.long()")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"{op}: {name}.logprobs has dtype {logprobs.dtype}; log-probabilities are floating "
+                        f"point (torch.float32 or torch.bfloat16)")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"{op}: {name}.indices has shape {_shape(indices)} and {name}.logprobs "
+                         f"{_shape(logprobs)}; they must match")
+    expected = student.shape[:dim] + (indices.shape[dim] if indices.dim() == student.dim() else -1,) + \
+        student.shape[dim + 1:]
+    if indices.dim() != student.dim() or indices.shape != expected:
+        raise ValueError(f"{op}: {name} has shape {_shape(indices)} for student_logits {_shape(student)}; a TopK "
+                         f"teacher has the logits' shape with the class dim (dim={dim}) of size k")
+    for part, x in (("indices", indices), ("logprobs", logprobs)):
+        if x.device != student.device:
+            raise ValueError(f"{op}: {name}.{part} is on {x.device} and student_logits on {student.device}")
+    check_k(indices.shape[dim], student.shape[dim], op)
+    if logprobs.device.type == "cpu" and not torch.compiler.is_compiling() and bool((logprobs > 0).any()):
+        raise ValueError(f"{op}: {name}.logprobs holds {float(logprobs.max()):g} > 0; log-probabilities are "
+                         f"<= 0 (these look like logits: kdfast.topk_logits(teacher_logits, k) makes a TopK)")
+    return indices, logprobs
+
+
+def check_topk_indices(indices: torch.Tensor, num_classes: int, dim: int, name: str = "teacher_logits") -> None:
+    """Every row's top-k indices in [0, num_classes) and distinct; eagerly, on the CPU only
+    (on a GPU this would wait for the device; the kernels give such a row a NaN loss).
+    The C++ CPU kernel checks the same as it reads them (the same errors)."""
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    rows = indices.movedim(dim, -1)
+    low, high = torch.aminmax(rows)
+    if int(low) < 0 or int(high) >= num_classes:
+        bad = int(low) if int(low) < 0 else int(high)
+        raise ValueError(f"{name}.indices holds class index {bad} outside [0, {num_classes}) for logits with "
+                         f"{num_classes} classes")
+    ordered = rows.sort(-1).values
+    repeated = ordered[..., 1:] == ordered[..., :-1]
+    if bool(repeated.any()):
+        row = int(repeated.any(-1).reshape(-1).nonzero()[0])
+        raise ValueError(f"{name}.indices repeats class {int(ordered[..., 1:][repeated][0])} in row {row} (rows "
+                         f"counted in order over the dims other than the class dim); the top-k classes of a row "
+                         f"must be distinct")
+
+
 def check_decoupled(logits: torch.Tensor, target, dim: int, op: str) -> int:
     """DecoupledKD's extra requirements: labels, and at least 2 classes along ``dim``
     (already checked). Returns the number of classes."""

@@ -16,34 +16,109 @@ import torch
 from . import _checks as checks
 from .ops import attention as _attention
 from .ops import relational as _relational
-from .ops.softmax_kl import softmax_kl_loss
+from .ops.softmax_kl import softmax_kl_loss, softmax_kl_topk_loss
+from .topk import TopK
 
 __all__ = [
-    "soft_target_kl", "decoupled_kd", "attention_transfer",
+    "soft_target_kl", "reverse_kl", "jsd", "tvd", "decoupled_kd", "attention_transfer",
     "rkd", "rkd_distance", "rkd_angle", "pkt", "similarity_preserving",
 ]
 
 
-def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0,
-                   reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None,
-                   ignore_index: int = -100) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the class dim ``dim``.
-
-    reduction: 'batchmean' (default) divides the sum by the size of dim 0 as torch's
-    KLDivLoss does (fasterai's SoftTarget, also for [B, C, H, W] logits with dim=1);
-    'mean' by the number of rows; 'sum'; 'none' gives one loss per row (the shape without
-    ``dim``). With ``target`` (class indices, one per row), rows whose target is
-    ``ignore_index`` are left out and 'batchmean' / 'mean' divide by the rows kept
-    (token-level LLM distillation); all rows ignored gives 0.
-    """
-    op = "soft_target_kl"
-    checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
-    dim = checks.check_dim(student_logits, dim, op, "student_logits")
+def _softmax_divergence(op, student_logits, teacher_logits, divergence, beta, T, reduction, dim, target,
+                        ignore_index, tail, weight=1.0, divisor=None):
+    """Validate, then run the dense or the sparse-teacher op."""
+    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL's ends: exactly forward / reverse KL
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    dim = checks.check_dim(checks.check_tensor(student_logits, "student_logits", op), dim, op, "student_logits")
     T = checks.check_temperature(T, op)
     checks.check_reduction(reduction, op)
+    if isinstance(teacher_logits, TopK):
+        indices, logprobs = checks.check_topk(teacher_logits, student_logits, dim, op)
+        tail = checks.check_tail(tail, T, op)
+        target = checks.check_target(target, student_logits, dim, op, ignore_index)
+        return softmax_kl_topk_loss(student_logits, indices, logprobs, T=T, reduction=reduction, dim=dim,
+                                    target=target, ignore_index=ignore_index, divergence=divergence, jsd_beta=beta,
+                                    tail=tail, weight=weight, divisor=divisor, op=op)
+    if isinstance(teacher_logits, tuple) and len(teacher_logits) == 2:
+        raise TypeError(f"{op}: teacher_logits is a plain tuple; a sparse teacher is passed as "
+                        f"kdfast.TopK(indices, logprobs)")
+    checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
     target = checks.check_target(target, student_logits, dim, op, ignore_index)
-    return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim,
-                           target=target, ignore_index=ignore_index, op=op)
+    return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
+                           ignore_index=ignore_index, divergence=divergence, jsd_beta=beta, weight=weight,
+                           divisor=divisor, op=op)
+
+
+_COMMON_DOC = """
+    teacher_logits: logits like the student's, or a sparse teacher ``kdfast.TopK(indices,
+    logprobs)`` (see ``kdfast.topk_logits``) with ``tail``: 'bucket' (default; the classes
+    outside the top-k are one more class, the teacher's missing mass ``1 - sum_K p`` against
+    the student's own; needs T = 1, the tail's mass at another temperature being unknown) or
+    'renormalize' (both distributions restricted to the top-k and renormalised; any T, the
+    stored log-probabilities re-tempered exactly over the top-k; the student's other classes
+    get gradient 0).
+
+    reduction: 'batchmean' (default) divides the sum by the size of dim 0 as torch's
+    KLDivLoss does; 'mean' by the number of rows; 'sum'; 'none' gives one loss per row (the
+    shape without ``dim``). With ``target`` (class indices, one per row: the labels), rows
+    whose target is ``ignore_index`` are left out and 'batchmean' / 'mean' divide by the
+    rows kept (token-level LLM distillation); all rows ignored gives 0.
+"""
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits, T: float = 1.0,
+                   reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None,
+                   ignore_index: int = -100, tail: str = "bucket") -> torch.Tensor:
+    """Forward KL: ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the class dim ``dim``.
+
+    fasterai's SoftTarget (batchmean over dim 0, also for [B, C, H, W] logits with dim=1).
+    """
+    return _softmax_divergence("soft_target_kl", student_logits, teacher_logits, "forward_kl", 0.5, T, reduction,
+                               dim, target, ignore_index, tail)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits, T: float = 1.0, reduction: str = "batchmean",
+               dim: int = -1, target: torch.Tensor | None = None, ignore_index: int = -100,
+               tail: str = "bucket") -> torch.Tensor:
+    """Reverse KL: ``T² · KL(softmax(student/T) ‖ softmax(teacher/T))``, the student's
+    distribution first (mode-seeking: MiniLLM, TRL's DistillationTrainer default).
+    """
+    return _softmax_divergence("reverse_kl", student_logits, teacher_logits, "reverse_kl", 0.5, T, reduction, dim,
+                               target, ignore_index, tail)
+
+
+def jsd(student_logits: torch.Tensor, teacher_logits, beta: float = 0.5, T: float = 1.0,
+        reduction: str = "batchmean", dim: int = -1, target: torch.Tensor | None = None, ignore_index: int = -100,
+        tail: str = "bucket") -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024; TRL's definition):
+    ``T² · [beta·KL(p_t ‖ m) + (1 - beta)·KL(p_s ‖ m)]``, ``m = beta·p_t + (1 - beta)·p_s``,
+    with p_t, p_s the teacher's and the student's softmax at T; log m is computed in log space.
+
+    beta = 0 is forward KL and beta = 1 reverse KL, exactly (TRL). Inside (0, 1) the value
+    tends to beta·KL(p_t ‖ p_s) as beta -> 0 and to (1 - beta)·KL(p_s ‖ p_t) as beta -> 1, so
+    it jumps at both ends (TRL #6780). beta = 0.5 is the symmetric JSD (at most log 2).
+    """
+    beta = checks.check_beta(beta, "jsd")
+    return _softmax_divergence("jsd", student_logits, teacher_logits, "jsd", beta, T, reduction, dim, target,
+                               ignore_index, tail)
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits, T: float = 1.0, reduction: str = "batchmean", dim: int = -1,
+        target: torch.Tensor | None = None, ignore_index: int = -100, tail: str = "bucket") -> torch.Tensor:
+    """Total variation distance: ``T · ½ sum |softmax(teacher/T) - softmax(student/T)|``.
+
+    T = 1 (the default) is the plain TVD in [0, 1] (Liger-Kernel, DistillKit, DistiLLM have
+    no temperature). The factor T plays the role of the KLs' T²: as T grows both softmaxes
+    flatten towards uniform, ``p - q ≈ (z_t - z_s - mean)/(T·V)``, so TVD and its gradient
+    shrink like 1/T; times T, the loss and its gradient keep their size at any T.
+    """
+    return _softmax_divergence("tvd", student_logits, teacher_logits, "tvd", 0.5, T, reduction, dim, target,
+                               ignore_index, tail)
+
+
+for _fn in (soft_target_kl, reverse_kl, jsd, tvd):
+    _fn.__doc__ += _COMMON_DOC
 
 
 def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,

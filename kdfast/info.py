@@ -10,7 +10,7 @@ from . import _backend, _extension, _validation, _verify
 from .ops import attention, relational, softmax_kl
 
 OPS = {
-    "soft_target_kl / decoupled_kd": softmax_kl.KERNELS,
+    "soft_target_kl / reverse_kl / jsd / tvd (dense or top-k teachers) / decoupled_kd": softmax_kl.KERNELS,
     "attention_transfer": attention.KERNELS,
     "rkd / rkd_distance / rkd_angle / pkt / similarity_preserving": relational.KERNELS,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,8 +24,8 @@ from . import _checks as checks
 from . import functional as KF
 from ._dtypes import acc_dtype
 
-__all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", "Attention",
-           "ActivationBoundaries", "FitNet", "Similarity", "RKD", "PKT"]
+__all__ = ["DistillationLoss", "SoftTarget", "Logits", "Mutual", "DecoupledKD", "ReverseKL", "JSD", "TVD",
+           "Attention", "ActivationBoundaries", "FitNet", "Similarity", "RKD", "PKT"]
 
 _INPUTS = frozenset({"pred", "teacher_pred", "fm_s", "fm_t", "target"})
 
@@ -94,6 +95,57 @@ class DecoupledKD(DistillationLoss):
         self._need_logits(pred, teacher_pred, "DecoupledKD")
         return KF.decoupled_kd(pred, teacher_pred, target, T=self.T, alpha=self.alpha, beta=self.beta,
                                normalize=self.normalize, dim=1)
+
+
+class _TokenDivergence(DistillationLoss):
+    """A divergence of the student's softmax from the teacher's over the class dim ``dim``
+    (default -1: [B, C] logits and [B, L, V] token logits alike), batchmean; with ``target``
+    (the callback passes the batch's labels), rows labelled ``ignore_index`` are left out and
+    the mean is over the rows kept. ``teacher_pred`` may be a ``kdfast.TopK``."""
+
+    def __init__(self, T: float = 1.0, dim: int = -1, ignore_index: int = -100, tail: str = "bucket"):
+        super().__init__()
+        self.T = checks.check_temperature(T, type(self).__name__)
+        self.dim, self.ignore_index, self.tail = dim, ignore_index, tail
+
+    def _loss(self, pred, teacher_pred, target):
+        raise NotImplementedError
+
+    def forward(self, pred=None, teacher_pred=None, target=None, **kwargs):
+        self._need_logits(pred, teacher_pred, type(self).__name__)
+        if isinstance(target, torch.Tensor) and (target.is_floating_point() or target.dim() == pred.dim()):
+            target = None  # soft or one-hot targets: no labels that could leave rows out
+        return self._loss(pred, teacher_pred, target)
+
+
+class ReverseKL(_TokenDivergence):
+    """Reverse KL ``T² · KL(p_s ‖ p_t)`` (MiniLLM; TRL's DistillationTrainer default)."""
+
+    def _loss(self, pred, teacher_pred, target):
+        return KF.reverse_kl(pred, teacher_pred, T=self.T, dim=self.dim, target=target,
+                             ignore_index=self.ignore_index, tail=self.tail)
+
+
+class JSD(_TokenDivergence):
+    """Generalized JSD ``T² · [beta·KL(p_t ‖ m) + (1 - beta)·KL(p_s ‖ m)]``, ``m = beta·p_t +
+    (1 - beta)·p_s`` (GKD; beta = 0 forward KL, 1 reverse KL, as TRL)."""
+
+    def __init__(self, beta: float = 0.5, T: float = 1.0, dim: int = -1, ignore_index: int = -100,
+                 tail: str = "bucket"):
+        super().__init__(T, dim, ignore_index, tail)
+        self.beta = checks.check_beta(beta, "JSD")
+
+    def _loss(self, pred, teacher_pred, target):
+        return KF.jsd(pred, teacher_pred, beta=self.beta, T=self.T, dim=self.dim, target=target,
+                      ignore_index=self.ignore_index, tail=self.tail)
+
+
+class TVD(_TokenDivergence):
+    """Total variation ``T · ½ sum |p_t - p_s|`` (T = 1: the plain TVD)."""
+
+    def _loss(self, pred, teacher_pred, target):
+        return KF.tvd(pred, teacher_pred, T=self.T, dim=self.dim, target=target, ignore_index=self.ignore_index,
+                      tail=self.tail)
 
 
 def _sum_pairs(fm_s, fm_t, name, pair_loss):

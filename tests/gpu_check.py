@@ -278,11 +278,18 @@ def groups(run: Run) -> list[dict]:
                     continue  # the dry run's later stages: one family shows the control flow
                 if wanted(run, family, backend):
                     out.append({"stage": stage, "family": family, "backend": backend, "marker": marker,
-                                "files": [f"tests/test_{family}.py"]})
+                                "files": family_tests(family)})
         if stage == "core" and not run.args.only:
             out.append({"stage": "misc", "family": "auto", "backend": "auto", "marker": "gpu_core or not gpu_core",
                         "files": MISC_TESTS})
     return out
+
+
+def family_tests(family: str) -> list[str]:
+    """A family's test files: tests/test_<family>.py and tests/test_<family>_*.py."""
+    tests = ROOT / "tests"
+    return [f"tests/{p.name}" for p in [tests / f"test_{family}.py", *sorted(tests.glob(f"test_{family}_*.py"))]
+            if p.exists()]
 
 
 def run_group(run: Run, group: dict) -> dict:

@@ -52,6 +52,33 @@ def softmax_case(V, dim_shape=None, decoupled=True):
     return build
 
 
+def divergence_case(V, fn, dim_shape=None):
+    """softmax_case for reverse_kl / jsd / tvd (their own kernels, the same paths)."""
+    kw = {"beta": 0.3} if fn is KF.jsd else {}
+
+    def build(dtype, device, small):
+        trial = softmax_case(V, dim_shape, False)(dtype, device, small)
+        dim = trial.inputs[0].dim() - 1 if dim_shape is None else 1
+        return _verify.Slice(lambda s, t, target: fn(s, t, target=target, T=3.0, dim=dim, **kw), trial.inputs, 1)
+    return build
+
+
+def topk_case(V, k, tail):
+    """Rows [6, V] against a top-k teacher (bfloat16 log-probabilities), with a target."""
+    def build(dtype, device, small):
+        rows, v = (3, min(V, 700)) if small else (6, V)
+        s, t = _randn((rows, v), dtype, device, 1), _randn((rows, v), F32, device, 2)
+        topk = kdfast.topk_logits(t, min(k, v), dtype=torch.bfloat16)
+        target = torch.randint(0, v, (rows,), generator=torch.Generator().manual_seed(3)).to(device)
+        target[0] = -100
+        T = 2.0 if tail == "renormalize" else 1.0
+        trial = _verify.Slice(lambda s, i, lp, target: KF.jsd(s, kdfast.TopK(i, lp), T=T, target=target, tail=tail),
+                              [s, topk.indices, topk.logprobs, target], 1)
+        trial.tail = tail
+        return trial
+    return build
+
+
 def attention_case(shapes, layout="contiguous", p=2.0, pairs=1):
     """pairs x (student [B, C_s, H, W], teacher C_t): layout of the student maps."""
     def build(dtype, device, small):
@@ -101,6 +128,20 @@ _add("softmax_kl", ["cuda"], F32, "cluster-8", softmax_case(60000), "cluster-8-f
 _add("softmax_kl", ["cuda"], F64, "cluster-8", softmax_case(50000), "cluster-8-f64-50000")
 _add("softmax_kl", ["cuda", "triton"], BF16, "rows-uncached", softmax_case(300000), "rows-uncached-bf16-300000")
 _add("softmax_kl", ["cuda", "triton"], F32, "columns", softmax_case(None, (8, 1000, 16, 16)), "columns-f32")
+_add("softmax_kl", ["cuda", "triton"], BF16, "rows-cached", divergence_case(12288, KF.jsd),
+     "jsd-rows-cached-bf16-12288")
+_add("softmax_kl", ["cuda"], F32, "rows-cached", divergence_case(6144, KF.reverse_kl), "rkl-rows-cached-f32-6144")
+_add("softmax_kl", ["cuda"], BF16, "cluster-4", divergence_case(60000, KF.reverse_kl), "rkl-cluster-4-bf16-60000")
+_add("softmax_kl", ["cuda"], F32, "cluster-8", divergence_case(60000, KF.tvd), "tvd-cluster-8-f32-60000")
+_add("softmax_kl", ["cuda"], F64, "cluster-8", divergence_case(50000, KF.jsd), "jsd-cluster-8-f64-50000")
+_add("softmax_kl", ["cuda", "triton"], BF16, "rows-uncached", divergence_case(300000, KF.tvd),
+     "tvd-rows-uncached-bf16-300000")
+_add("softmax_kl", ["cuda", "triton"], F32, "columns", divergence_case(None, KF.jsd, (8, 1000, 16, 16)),
+     "jsd-columns-f32")
+_add("softmax_kl", ["cuda", "triton"], BF16, "topk-bucket", topk_case(128256, 64, "bucket"),
+     "topk-bucket-bf16-128256")
+_add("softmax_kl", ["cuda", "triton"], F32, "topk-renormalize", topk_case(32000, 64, "renormalize"),
+     "topk-renormalize-f32-32000")
 _add("attention", ["cuda", "triton"], F32, "positions/positions/p2", attention_case((8, 64, 32, 32, 32)),
      "positions-f32")
 _add("attention", ["cuda", "triton"], BF16, "channels+positions/channels/p2",
@@ -116,6 +157,8 @@ _add("relational", ["cuda", "triton"], BF16, None,
 
 def kernel_path(family, backend, trial):
     """The path the case's inputs take (softmax-KL and attention: the paths kdfast verifies)."""
+    if family == "softmax_kl" and hasattr(trial, "tail"):
+        return softmax_op.topk_kernel_path(backend, trial.tail)
     if family == "softmax_kl":
         s, t = trial.inputs[:2]
         return softmax_op.kernel_path(backend, s, t, s.dim() - 1 if s.dim() == 2 else 1)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
 from kdfast import _backend
@@ -29,6 +30,38 @@ def backend_params(kernels) -> list:
     with these kernels; CUDA ones marked ``gpu``."""
     return [pytest.param(device, b, marks=[pytest.mark.gpu] if device == "cuda" else [], id=f"{device}-{b}")
             for device in DEVICES for b in kernel_backends(device, kernels)]
+
+
+def make_logits(shape, dtype=torch.float32, device="cpu", layout="contiguous", scale=3.0, seed=0) -> torch.Tensor:
+    """Random logits in the given memory layout (values do not depend on the layout):
+    "contiguous", "strided" (every other element of a larger tensor along the last dim) or
+    "permuted" (the dims' memory order reversed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if layout == "strided":
+        big = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
+        big[..., ::2] = x
+        x = big[..., ::2]
+    elif layout == "permuted":
+        x = x.permute(*reversed(range(x.dim()))).contiguous().permute(*reversed(range(x.dim())))
+    return x.to(device)
+
+
+class NewTensorSpy(TorchDispatchMode):
+    """Records the ops that create a tensor of at least `min_numel` elements."""
+
+    def __init__(self, min_numel: int):
+        super().__init__()
+        self.min_numel, self.created = min_numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.numel() > 0}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.numel() >= self.min_numel and o.data_ptr() not in inputs:
+                self.created.append((str(func), tuple(o.shape)))
+        return out
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "",

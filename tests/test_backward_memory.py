@@ -10,31 +10,13 @@ tensors of their size.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
 from kdfast import functional as KF
 from kdfast.ops.attention import KERNELS as ATTENTION_KERNELS
 from kdfast.ops.relational import KERNELS as RELATIONAL_KERNELS
 from kdfast.ops.softmax_kl import KERNELS as SOFTMAX_KL_KERNELS
-from helpers import kernel_backends
-
-
-class NewTensorSpy(TorchDispatchMode):
-    """Records the ops that create a tensor of at least `min_numel` elements."""
-
-    def __init__(self, min_numel: int):
-        super().__init__()
-        self.min_numel, self.created = min_numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor) and a.numel() > 0}
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor) and o.numel() >= self.min_numel and o.data_ptr() not in inputs:
-                self.created.append((str(func), tuple(o.shape)))
-        return out
+from helpers import NewTensorSpy, kernel_backends
 
 
 def _logits():
@@ -58,6 +40,10 @@ CASES = [  # name, kernels, inputs, loss, largest new tensors allowed in backwar
     ("soft_target_kl", SOFTMAX_KL_KERNELS, _logits, lambda s, t: KF.soft_target_kl(s, t, T=4.0), 0),
     ("decoupled_kd", SOFTMAX_KL_KERNELS, _logits,
      lambda s, t: KF.decoupled_kd(s, t, torch.arange(s.shape[0]) % s.shape[1]), 0),
+    ("reverse_kl", SOFTMAX_KL_KERNELS, _logits, lambda s, t: KF.reverse_kl(s, t, T=2.0), 0),
+    ("jsd", SOFTMAX_KL_KERNELS, _logits, lambda s, t: KF.jsd(s, t, beta=0.3), 0),
+    ("tvd", SOFTMAX_KL_KERNELS, _logits, KF.tvd, 0),
+    ("top-k teacher", SOFTMAX_KL_KERNELS, _logits, lambda s, t: KF.jsd(s, kdfast.topk_logits(t, 16)), 0),
     ("attention_transfer", ATTENTION_KERNELS, _features,
      lambda f_s, f_t: sum(KF.attention_transfer(a, b) for a, b in zip(f_s, f_t)), 2),
     ("rkd", RELATIONAL_KERNELS, _embeddings, KF.rkd, 2),

@@ -7,6 +7,11 @@ from kdfast import functional as KF
 from kdfast import losses as L
 
 s10, t10 = torch.randn(4, 10), torch.randn(4, 10)
+top3 = kdfast.topk_logits(t10, 3)
+
+
+def topk(indices=None, logprobs=None):
+    return kdfast.TopK(top3.indices if indices is None else indices, top3.logprobs if logprobs is None else logprobs)
 
 
 @pytest.mark.parametrize("call,error,pattern", [
@@ -55,6 +60,37 @@ s10, t10 = torch.randn(4, 10), torch.randn(4, 10)
     (lambda: L.SoftTarget(fm_s={}, fm_t={}), ValueError,
      r"SoftTarget compares the model outputs: pass pred= and teacher_pred="),
     (lambda: kdfast.use_backend("gpu"), ValueError, r"unknown backend 'gpu'.*auto, torch, cpu, triton, cuda"),
+    (lambda: KF.jsd(s10, t10, beta=1.5), ValueError, r"jsd: beta must be a number in \[0, 1\].*got 1.5"),
+    (lambda: KF.jsd(s10, t10, beta=-0.1), ValueError, r"beta must be a number in \[0, 1\]"),
+    (lambda: L.JSD(beta=2), ValueError, r"JSD: beta must be a number in \[0, 1\]"),
+    (lambda: KF.reverse_kl(s10, t10, T=0), ValueError, r"reverse_kl: temperature T must be a finite number > 0"),
+    (lambda: KF.tvd(s10, torch.randn(4, 11)), ValueError,
+     r"tvd: student_logits has shape \[4, 10\] and teacher_logits \[4, 11\]"),
+    (lambda: kdfast.topk_logits(t10, 11), ValueError, r"topk_logits: k=11 is larger than the 10 classes"),
+    (lambda: kdfast.topk_logits(t10, 0), ValueError, r"k must be a positive int"),
+    (lambda: kdfast.topk_logits(t10, 3, dtype=torch.int32), TypeError, r"dtype must be a floating dtype"),
+    (lambda: KF.jsd(s10, topk(top3.indices.float())), TypeError,
+     r"jsd: teacher_logits.indices has dtype torch.float32; class indices must be torch.int32 or torch.int64"),
+    (lambda: KF.jsd(s10, topk(logprobs=top3.indices)), TypeError, r"teacher_logits.logprobs has dtype torch.int32"),
+    (lambda: KF.jsd(s10, topk(torch.tensor([[0, 1, 10]] * 4))), ValueError,
+     r"jsd: teacher_logits.indices holds class index 10 outside \[0, 10\)"),
+    (lambda: KF.tvd(s10, topk(torch.tensor([[0, 1, -1]] * 4))), ValueError, r"class index -1 outside \[0, 10\)"),
+    (lambda: KF.reverse_kl(s10, topk(torch.tensor([[0, 1, 2]] * 3 + [[5, 2, 5]]))), ValueError,
+     r"reverse_kl: teacher_logits.indices repeats class 5 in row 3 \(rows counted.*\); "
+     r"the top-k classes of a row must be distinct"),
+    (lambda: KF.jsd(s10, topk(logprobs=top3.logprobs[:, :2])), ValueError,
+     r"indices has shape \[4, 3\] and teacher_logits.logprobs \[4, 2\]"),
+    (lambda: KF.jsd(s10, kdfast.TopK(top3.indices[:3], top3.logprobs[:3])), ValueError,
+     r"teacher_logits has shape \[3, 3\] for student_logits \[4, 10\].*class dim \(dim=1\) of size k"),
+    (lambda: KF.jsd(s10, kdfast.TopK(top3.indices[:, None], top3.logprobs[:, None])), ValueError,
+     r"teacher_logits has shape \[4, 1, 3\] for student_logits \[4, 10\]"),
+    (lambda: KF.jsd(s10[:, :2], topk()), ValueError, r"k=3 is larger than the 2 classes"),
+    (lambda: KF.jsd(s10, topk(logprobs=-top3.logprobs)), ValueError,
+     r"logprobs holds .* > 0; log-probabilities are <= 0 \(these look like logits"),
+    (lambda: KF.soft_target_kl(s10, topk(), T=2), ValueError,
+     r"soft_target_kl: T=2 with a TopK teacher and tail='bucket'.*tail='renormalize'"),
+    (lambda: KF.jsd(s10, topk(), tail="drop"), ValueError, r"unknown tail 'drop'"),
+    (lambda: KF.jsd(s10, (top3.indices, top3.logprobs)), TypeError, r"plain tuple.*kdfast.TopK\(indices, logprobs\)"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -176,3 +176,28 @@ def test_benchmark_peers_are_fasterai():
     flat = lambda fm: [v.flatten(1) for v in fm.values()]  # noqa: E731
     assert_close(sum(fasterai_similarity(a, b) for a, b in zip(flat(fm_s), flat(fm_t))),
                  fl.Similarity(fm_s, fm_t, pred=None), 1e-6)
+
+
+@pytest.mark.parametrize("name,fn,kwargs", [("ReverseKL", "reverse_kl", {"T": 2.0}), ("JSD", "jsd", {"beta": 0.3}),
+                                            ("TVD", "tvd", {})])
+def test_llm_losses_are_the_functions_with_the_callbacks_convention(name, fn, kwargs):
+    """[B, L, V] token logits, labels with -100 from the callback's `target`; a TopK teacher."""
+    from kdfast import functional as KF
+    s, t = randn(2, 6, 30, seed=6, scale=2), randn(2, 6, 30, seed=7, scale=2)
+    labels = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(8))
+    labels[0, :2] = -100
+    expected = getattr(KF, fn)(s, t, target=labels, **kwargs)
+    cls = getattr(L, name)
+    for value in (cls(pred=s, teacher_pred=t, target=labels, fm_s={}, fm_t={}, **kwargs),
+                  functools.partial(cls, **kwargs)(pred=s, teacher_pred=t, target=labels),
+                  cls(**kwargs)(pred=s, teacher_pred=t, target=labels)):
+        assert torch.equal(value, expected)
+    # a float (soft / one-hot) target leaves no rows out; classification logits [B, C] with labels
+    assert torch.equal(cls(**kwargs)(pred=s, teacher_pred=t, target=torch.rand(2, 6, 30)),
+                       getattr(KF, fn)(s, t, **kwargs))
+    assert torch.equal(cls(**kwargs)(pred=s[0], teacher_pred=t[0], target=labels[1]),
+                       getattr(KF, fn)(s[0], t[0], **kwargs))
+    topk = kdfast.topk_logits(t, 5)
+    sparse = cls(tail="renormalize", **kwargs)(pred=s, teacher_pred=topk, target=labels)
+    assert torch.equal(sparse, getattr(KF, fn)(s, topk, target=labels, tail="renormalize", **kwargs))
+    assert name in repr(cls(**kwargs)) and "tail='bucket'" in repr(cls(**kwargs))

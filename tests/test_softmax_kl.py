@@ -6,7 +6,7 @@ import kdfast
 from kdfast import functional as KF
 from kdfast.ops import softmax_kl as op
 from helpers import (DTYPES, LOSS_TOLERANCE, TOLERANCE, assert_close, assert_compiled_matches_eager, backend_params,
-                     kernel_backends)
+                     kernel_backends, make_logits)
 
 CASES = [  # (shape, dim): odd vocabularies, [B, T, V], segmentation [B, C, H, W] with dim=1
     ((41, 1271), -1),
@@ -22,17 +22,7 @@ LAYOUTS = ["contiguous", "strided", "permuted"]
 BACKENDS = backend_params(op.KERNELS)
 
 
-def make(shape, dtype, device, layout="contiguous", scale=3.0, seed=0):
-    """Random logits in the given memory layout (values do not depend on the layout)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    if layout == "strided":  # every other element of a larger tensor along the last dim
-        big = torch.zeros(shape[:-1] + (2 * shape[-1],), dtype=dtype)
-        big[..., ::2] = x
-        x = big[..., ::2]
-    elif layout == "permuted":  # same values, reversed memory order of the dims
-        x = x.permute(*reversed(range(x.dim()))).contiguous().permute(*reversed(range(x.dim())))
-    return x.to(device)
+make = make_logits
 
 
 def reference(s, t, grad_out, **kw):
@@ -210,7 +200,8 @@ def test_opcheck(device, backend, decoupled):
     t = make((6, 35), torch.float32, device, seed=22)
     target = torch.tensor([0, 3, -100, 34, 7, 7], device=device)
     for reduction in ("batchmean", "none"):
-        args = (s, t, target, 1, 3.0, -100, decoupled, 1.0, 8.0, reduction, True, backend)
+        args = (s, t, target, 1, 3.0, -100, "forward_kl", 0.5, decoupled, 1.0, 8.0, reduction, 1.0, None, True,
+                backend)
         torch.library.opcheck(torch.ops.kdfast.softmax_kl.default, args)
 
 

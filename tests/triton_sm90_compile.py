@@ -67,7 +67,7 @@ JITFunction.__getitem__ = compile_only
 def run_all():
     from kdfast.triton.attention import attention_transfer_backward_triton, attention_transfer_forward_triton
     from kdfast.triton.relational import pkt_gram, rkd_gram, similarity_gram
-    from kdfast.triton.softmax_kl import softmax_kl_triton
+    from kdfast.triton.softmax_kl import softmax_kl_topk_triton, softmax_kl_triton
 
     g = torch.Generator().manual_seed(0)
     scale = torch.ones((), dtype=torch.float64)
@@ -78,6 +78,18 @@ def run_all():
             softmax_kl_triton(s, t, target if decoupled else None, scale, 1, 4.0, -100, 1.0, 8.0, decoupled, True)
         seg_s, seg_t = torch.randn(2, 5, 3, 4, generator=g).to(dtype), torch.randn(2, 5, 3, 4, generator=g).to(dtype)
         softmax_kl_triton(seg_s, seg_t, None, scale, 1, 2.0, -100, 1.0, 8.0, False, True)  # the columns layout
+        for divergence in ("reverse_kl", "jsd", "tvd"):
+            softmax_kl_triton(s, t, target, scale, 1, 2.0, -100, 1.0, 8.0, False, True, divergence, 0.3)
+            if dtype == torch.float32:
+                softmax_kl_triton(seg_s, seg_t, None, scale, 1, 2.0, -100, 1.0, 8.0, False, True, divergence, 0.3)
+        indices = torch.stack([torch.randperm(40, generator=g)[:5] for _ in range(6)])
+        logprobs = torch.log_softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), -1)
+        logprobs = logprobs.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+            for renormalize in (False, True):
+                if dtype == torch.float32 or (divergence == "jsd" and not renormalize):
+                    softmax_kl_topk_triton(s, indices, logprobs, target, scale, 1.0, -100, divergence, 0.5,
+                                           renormalize, True)
         for p in (2.0, 2.5):
             f_s = [torch.randn(2, 8, 6, 6, generator=g).to(dtype), torch.randn(2, 4, 5, 5, generator=g).to(dtype)]
             f_t = [torch.randn(2, 16, 6, 6, generator=g).to(dtype), torch.randn(2, 6, 5, 5, generator=g).to(dtype)]

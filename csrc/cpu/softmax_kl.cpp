@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "huge_pages.h"
+#include "softmax_divergence.h"
 #include "softmax_kl.h"
 #include "vec.h"
 
@@ -230,10 +231,16 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cpu(const at::Tensor& s, const at:
                                                   const std::optional<at::Tensor>& target,
                                                   const at::Tensor& scale, int64_t dim, double T,
                                                   int64_t ignore_index, double alpha, double beta,
-                                                  bool decoupled, bool compute_grad) {
-  const SoftmaxKLProblem p =
+                                                  bool decoupled, bool compute_grad, c10::string_view divergence,
+                                                  double jsd_beta) {
+  SoftmaxKLProblem p =
       prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
+  set_divergence(p, divergence, jsd_beta);
   const double grad_scale = scale.item<double>();
+  if (p.divergence != Divergence::ForwardKL) {
+    softmax_divergence_cpu(p, grad_scale);
+    return {p.row_loss, p.grad};
+  }
   advise_huge_pages(p.grad);
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cpu", [&] {
     if (p.layout == KernelLayout::Rows) {

@@ -67,6 +67,8 @@ struct Params {
   acc_t T, k, inv_T, alpha, beta;  // k = log2(e) / T
   int64_t ignore_index;
   bool decoupled;
+  Divergence div;                      // the divergence kernels (softmax_divergence_*)
+  acc_t jsd_beta, jsd_one_minus_beta;
 };
 
 // Running statistics of (part of) a row: maxima of the raw logits, sums of exp((x - M)/T),
@@ -138,19 +140,20 @@ struct RowAccum {
   }
 };
 
-// Merges every thread's statistics; the result is valid in thread 0.
-template <typename acc_t>
-__device__ RowAccum<acc_t> block_merge(RowAccum<acc_t> r, acc_t k) {
-  __shared__ RowAccum<acc_t> warp_stats[32];
+// Merges every thread's statistics (RowAccum, DivAccum: their shfl_merge takes `args`);
+// the result is valid in thread 0.
+template <typename Accum, typename... Args>
+__device__ Accum block_merge(Accum r, Args... args) {
+  __shared__ Accum warp_stats[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k);
+  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, args...);
   if (lane == 0) warp_stats[warp] = r;
   __syncthreads();
   if (warp == 0) {
-    r = lane < (blockDim.x + 31) / 32 ? warp_stats[lane] : RowAccum<acc_t>::empty();
+    r = lane < (blockDim.x + 31) / 32 ? warp_stats[lane] : Accum::empty();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, k);
+    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, args...);
   }
   __syncthreads();  // warp_stats may be reused by the caller's next row
   return r;
@@ -422,6 +425,424 @@ __global__ void __launch_bounds__(kColumnsThreads) softmax_kl_columns_kernel(Par
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Reverse KL, JSD and TVD (csrc/softmax_kl_math.h, "The LLM divergences"): the same three
+// kernels (rows, cluster, columns) and launch plan as forward KL, with their own running
+// statistics (DivAccum), finish (DivFinish) and, for JSD and TVD, a pass between the
+// statistics and the gradient for the loss and W (from the shared-memory copy of the row
+// when the plan caches it: no more reads of HBM than forward KL).
+
+template <typename acc_t>
+struct CudaOps {  // divergence_terms' elementwise operations: exp as one exp2 (MUFU)
+  using V = acc_t;
+  static __host__ __device__ __forceinline__ V exp(V x) {
+    if constexpr (std::is_same_v<V, double>) {
+      return ::exp2(x * 1.4426950408889634);
+    } else {
+      return ::exp2f(x * 1.4426950408889634f);
+    }
+  }
+  static __host__ __device__ __forceinline__ V log(V x) { return ::log(x); }
+  static __host__ __device__ __forceinline__ V abs(V x) { return x < V(0) ? -x : x; }
+  static __host__ __device__ __forceinline__ V select(bool mask, V a, V b) { return mask ? a : b; }
+  static __host__ __device__ __forceinline__ V sign(V x) { return x > V(0) ? V(1) : (x < V(0) ? V(-1) : V(0)); }
+};
+
+// Running statistics: maxima, sums of exp((x - M)/T), t_a (the teacher's logit at the
+// student's running argmax, the anchor) and, for reverse KL, the anchored cross sum
+// c = sum e^ys ((s - s_a) - (t - t_a))/T (reverse_kl_recentre when the anchor moves).
+template <typename acc_t>
+struct DivAccum {
+  acc_t m_s, z_s, m_t, z_t, t_a, c;
+
+  __device__ static DivAccum empty() { return {neg_inf<acc_t>(), 0, neg_inf<acc_t>(), 0, 0, 0}; }
+  __device__ static acc_t centre(acc_t m) { return m == neg_inf<acc_t>() ? acc_t(0) : m; }
+
+  template <int N>
+  __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, acc_t k, acc_t inv_T, bool rkl) {
+    acc_t ms = m_s, mt = m_t, ta = t_a;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        if (xs[i] > ms) {  // NaN never becomes the max; it reaches the sums below
+          ms = xs[i];
+          ta = xt[i];
+        }
+        mt = xt[i] > mt ? xt[i] : mt;
+      }
+    }
+    if (ms > m_s) {
+      const acc_t f = RowAccum<acc_t>::rescale(m_s, ms, k);
+      if (rkl) c = reverse_kl_recentre(c, z_s, centre(m_s), t_a, ms, ta, inv_T, f);
+      z_s *= f;
+      m_s = ms;
+      t_a = ta;
+    }
+    if (mt > m_t) {
+      z_t *= RowAccum<acc_t>::rescale(m_t, mt, k);
+      m_t = mt;
+    }
+    const acc_t ref_s = centre(m_s), ref_t = centre(m_t);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        const acc_t e_s = exp2_((xs[i] - ref_s) * k);
+        z_s += e_s;
+        z_t += exp2_((xt[i] - ref_t) * k);
+        if (rkl && e_s > acc_t(0)) c += e_s * ((xs[i] - ref_s) - (xt[i] - t_a)) * inv_T;
+      }
+    }
+  }
+
+  __device__ void merge(const DivAccum& o, acc_t k, acc_t inv_T, bool rkl) {
+    const bool theirs = o.m_s > m_s;  // the anchor: the larger student maximum (ties: ours)
+    const acc_t ms = theirs ? o.m_s : m_s, ta = theirs ? o.t_a : t_a;
+    const acc_t mt = o.m_t > m_t ? o.m_t : m_t;
+    const acc_t fs = RowAccum<acc_t>::rescale(m_s, ms, k), fos = RowAccum<acc_t>::rescale(o.m_s, ms, k);
+    if (rkl) {
+      c = reverse_kl_recentre(c, z_s, centre(m_s), t_a, centre(ms), ta, inv_T, fs) +
+          reverse_kl_recentre(o.c, o.z_s, centre(o.m_s), o.t_a, centre(ms), ta, inv_T, fos);
+    }
+    z_s = z_s * fs + o.z_s * fos;
+    z_t = z_t * RowAccum<acc_t>::rescale(m_t, mt, k) + o.z_t * RowAccum<acc_t>::rescale(o.m_t, mt, k);
+    m_s = ms;
+    m_t = mt;
+    t_a = ta;
+  }
+
+  __device__ void shfl_merge(int offset, acc_t k, acc_t inv_T, bool rkl) {
+    DivAccum o;
+    o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
+    o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
+    o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
+    o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
+    o.t_a = __shfl_xor_sync(0xffffffff, t_a, offset);
+    o.c = __shfl_xor_sync(0xffffffff, c, offset);
+    merge(o, k, inv_T, rkl);
+  }
+};
+
+// What the loss and gradient passes need, computed by one thread and shared with the block.
+template <typename acc_t>
+struct DivFinish {
+  acc_t m_s, m_t, t_a, inv_z_s, inv_z_t, log_ratio;  // log_ratio = log Z_s - log Z_t
+  acc_t a, b;   // reverse KL: grad = a e^ys (d - b); JSD, TVD: grad = a (w - q b), b = W
+  acc_t h_a;    // h at the anchor (JSD, TVD)
+  int state;    // 0: normal, 1: ignored row (zeros), 2: NaN (x/T overflows)
+};
+
+// Whether x/T overflows for a finite x (the definition's softmax of x/T is then NaN).
+template <typename acc_t>
+__device__ __forceinline__ bool overflows(acc_t x, acc_t inv_T) {
+  const acc_t big = x * inv_T;
+  return big - big != acc_t(0) && x - x == acc_t(0);
+}
+
+// Thread 0: the row's finish from its statistics; reverse KL writes its loss here.
+template <typename scalar_t, typename acc_t>
+__device__ DivFinish<acc_t> div_finish(const Params<scalar_t, acc_t>& p, const DivAccum<acc_t>& r, int64_t out,
+                                       bool write_loss) {
+  DivFinish<acc_t> f{};
+  f.m_s = r.m_s;
+  f.m_t = r.m_t;
+  f.t_a = r.t_a;
+  f.inv_z_s = acc_t(1) / r.z_s;
+  f.inv_z_t = acc_t(1) / r.z_t;
+  f.log_ratio = ::log(r.z_s) - ::log(r.z_t);
+  f.state = overflows(r.m_s, p.inv_T) || overflows(r.m_t, p.inv_T) ? 2 : 0;
+  const acc_t scale = static_cast<acc_t>(*p.scale);
+  if (p.div == Divergence::ReverseKL) {
+    const ReverseKLRow<acc_t> row = reverse_kl_finish_row<acc_t>(r.z_s, r.z_t, r.c, r.m_t, r.t_a, p.T, scale);
+    if (write_loss) p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN() : row.loss;
+    f.a = row.a;
+    f.b = row.b;
+  } else {
+    f.a = divergence_grad_scale(p.div, p.T) * scale;
+    const acc_t ls_a = -::log(r.z_s), lt_a = (r.t_a - r.m_t) * p.inv_T - ::log(r.z_t);
+    f.h_a = divergence_terms<CudaOps<acc_t>>(p.div, lt_a - ls_a, CudaOps<acc_t>::exp(ls_a), CudaOps<acc_t>::exp(lt_a),
+                                             p.jsd_beta, p.jsd_one_minus_beta)
+                .h;
+  }
+  return f;
+}
+
+// A class's loss term and weight w (JSD, TVD) from its logits.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void div_class(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f, acc_t xs,
+                                          acc_t xt, acc_t& loss, acc_t& w, acc_t& ps) {
+  ps = exp2_((xs - f.m_s) * p.k) * f.inv_z_s;
+  const acc_t pt = exp2_((xt - f.m_t) * p.k) * f.inv_z_t;
+  const acc_t d = ((xt - f.m_t) - (xs - f.m_s)) * p.inv_T + f.log_ratio;  // log p - log q
+  const ClassTerms<acc_t> c =
+      divergence_terms<CudaOps<acc_t>>(p.div, d, ps, pt, p.jsd_beta, p.jsd_one_minus_beta);
+  loss = c.loss;
+  w = divergence_weight<CudaOps<acc_t>>(p.div, c, ps, f.h_a);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t div_grad_value(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f, acc_t xs,
+                                                acc_t xt) {
+  if (f.state == 1) return acc_t(0);
+  if (f.state == 2) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (p.div == Divergence::ReverseKL) {
+    const acc_t e_s = exp2_((xs - f.m_s) * p.k);
+    return e_s > acc_t(0) ? f.a * e_s * (((xs - f.m_s) - (xt - f.t_a)) * p.inv_T - f.b) : acc_t(0);
+  }
+  acc_t loss, w, ps;
+  div_class(p, f, xs, xt, loss, w, ps);
+  return f.a * (w - ps * f.b);
+}
+
+template <int N, bool kVec, bool kCache, typename scalar_t, typename acc_t>
+__device__ __forceinline__ DivAccum<acc_t> div_stats_pass(const Params<scalar_t, acc_t>& p, const scalar_t* sr,
+                                                          const scalar_t* tr, int64_t lo, int64_t hi,
+                                                          scalar_t* s_cache, scalar_t* t_cache) {
+  const bool rkl = p.div == Divergence::ReverseKL;
+  DivAccum<acc_t> acc = DivAccum<acc_t>::empty();
+  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+    const int n = static_cast<int>(imin(N, hi - j0));
+    scalar_t rs[N], rt[N];
+    load_pack<N, kVec>(sr, j0, n, rs);
+    load_pack<N, kVec>(tr, j0, n, rt);
+    if (kCache) {
+      store_pack<N, kVec>(s_cache, j0 - lo, n, rs);
+      store_pack<N, kVec>(t_cache, j0 - lo, n, rt);
+    }
+    acc_t xs[N], xt[N];
+    to_acc(rs, j0, n, -1, xs);
+    to_acc(rt, j0, n, -1, xt);
+    acc.add(xs, xt, n, p.k, p.inv_T, rkl);
+  }
+  return block_merge(acc, p.k, p.inv_T, rkl);
+}
+
+// The sum of a pair over the block (valid in thread 0).
+template <typename acc_t>
+__device__ void block_sum2(acc_t& x, acc_t& y) {
+  __shared__ acc_t warp_x[32], warp_y[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    x += __shfl_xor_sync(0xffffffff, x, offset);
+    y += __shfl_xor_sync(0xffffffff, y, offset);
+  }
+  if (lane == 0) {
+    warp_x[warp] = x;
+    warp_y[warp] = y;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < (blockDim.x + 31) / 32 ? warp_x[lane] : acc_t(0);
+    y = lane < (blockDim.x + 31) / 32 ? warp_y[lane] : acc_t(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      x += __shfl_xor_sync(0xffffffff, x, offset);
+      y += __shfl_xor_sync(0xffffffff, y, offset);
+    }
+  }
+  __syncthreads();
+}
+
+// JSD and TVD: the block's share of the loss and of W over classes [lo, hi), from
+// s_src[j - src_lo], t_src[j - src_lo]; block-summed (valid in thread 0).
+template <int N, bool kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void div_loss_pass(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f,
+                                              const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
+                                              int64_t lo, int64_t hi, acc_t& loss, acc_t& total_w) {
+  loss = total_w = acc_t(0);
+  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+    const int n = static_cast<int>(imin(N, hi - j0));
+    scalar_t rs[N], rt[N];
+    load_pack<N, kVec>(s_src, j0 - src_lo, n, rs);
+    load_pack<N, kVec>(t_src, j0 - src_lo, n, rt);
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      if (q < n) {
+        acc_t l, w, ps;
+        div_class(p, f, static_cast<acc_t>(rs[q]), static_cast<acc_t>(rt[q]), l, w, ps);
+        loss += l;
+        total_w += w;
+      }
+    }
+  }
+  block_sum2(loss, total_w);
+}
+
+template <int N, bool kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void div_grad_pass(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f,
+                                              const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
+                                              scalar_t* gr, int64_t lo, int64_t hi) {
+  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
+    const int n = static_cast<int>(imin(N, hi - j0));
+    scalar_t rs[N], rt[N];
+    load_pack<N, kVec>(s_src, j0 - src_lo, n, rs);
+    load_pack<N, kVec>(t_src, j0 - src_lo, n, rt);
+    scalar_t o[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      o[q] = static_cast<scalar_t>(div_grad_value(p, f, static_cast<acc_t>(rs[q]), static_cast<acc_t>(rt[q])));
+    }
+    store_pack<N, kVec>(gr, j0, n, o);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ DivFinish<acc_t> div_skipped(int state) {
+  DivFinish<acc_t> f{};
+  f.state = state;
+  return f;
+}
+
+template <typename scalar_t, typename acc_t, bool kVec, bool kCache>
+__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
+    softmax_divergence_rows_kernel(Params<scalar_t, acc_t> p) {
+  constexpr int N = kVec ? 16 / sizeof(scalar_t) : 1;
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
+  scalar_t* t_cache = s_cache + (kCache ? p.V : 0);
+  __shared__ DivFinish<acc_t> shared_finish;
+
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t a = r / p.I, i = r % p.I;
+    const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
+    const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
+    const scalar_t* s_src = kCache ? s_cache : sr;
+    const scalar_t* t_src = kCache ? t_cache : tr;
+    const int64_t out = a * p.r_sa + i * p.r_si;
+    const RowFinish<acc_t> status = row_status(p, out);
+    if (status.state == 0) {
+      const DivAccum<acc_t> acc = div_stats_pass<N, kVec, kCache>(p, sr, tr, 0, p.V, s_cache, t_cache);
+      if (threadIdx.x == 0) shared_finish = div_finish(p, acc, out, true);
+      __syncthreads();
+      if (p.div != Divergence::ReverseKL) {
+        const DivFinish<acc_t> f = shared_finish;
+        acc_t loss, total_w;
+        div_loss_pass<N, kVec>(p, f, s_src, t_src, 0, 0, p.V, loss, total_w);
+        if (threadIdx.x == 0) {
+          shared_finish.b = total_w;
+          p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN()
+                                         : divergence_loss_scale(p.div, p.T) * loss;
+        }
+      }
+    } else if (threadIdx.x == 0) {
+      p.row_loss[out] = acc_t(0);
+      shared_finish = div_skipped<acc_t>(1);
+    }
+    __syncthreads();
+    const DivFinish<acc_t> f = shared_finish;
+    if (p.grad != nullptr) div_grad_pass<N, kVec>(p, f, s_src, t_src, 0, p.grad + a * p.g_sa + i * p.g_si, 0, p.V);
+    __syncthreads();  // shared_finish and the cache are rewritten by the next row
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
+    softmax_divergence_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int N = 16 / sizeof(scalar_t);
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
+  scalar_t* t_cache = s_cache + slice;
+  __shared__ DivAccum<acc_t> block_stats;  // read by the other blocks of the cluster
+  __shared__ acc_t block_sums[2];          // (loss, W), likewise
+  __shared__ DivFinish<acc_t> shared_finish;
+
+  const int64_t r = blockIdx.x / blocks;
+  const int64_t a = r / p.I, i = r % p.I;
+  const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
+  const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
+  const int64_t out = a * p.r_sa + i * p.r_si;
+  const int64_t lo = rank * slice, hi = imin(p.V, lo + slice);
+  const RowFinish<acc_t> status = row_status(p, out);  // uniform over the cluster
+  if (status.state == 0) {
+    const bool rkl = p.div == Divergence::ReverseKL;
+    const DivAccum<acc_t> acc = div_stats_pass<N, true, true>(p, sr, tr, lo, hi, s_cache, t_cache);
+    if (threadIdx.x == 0) block_stats = acc;
+    cluster.sync();  // every block's statistics are visible to the cluster
+    if (threadIdx.x == 0) {
+      DivAccum<acc_t> total = DivAccum<acc_t>::empty();
+      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p.k, p.inv_T, rkl);
+      shared_finish = div_finish(p, total, out, rank == 0);
+    }
+    __syncthreads();
+    if (!rkl) {
+      const DivFinish<acc_t> f = shared_finish;
+      acc_t loss, total_w;
+      div_loss_pass<N, true>(p, f, s_cache, t_cache, lo, lo, hi, loss, total_w);
+      if (threadIdx.x == 0) {
+        block_sums[0] = loss;
+        block_sums[1] = total_w;
+      }
+      cluster.sync();
+      if (threadIdx.x == 0) {
+        acc_t row_loss = 0, row_w = 0;
+        for (unsigned b = 0; b < blocks; ++b) {
+          const acc_t* sums = cluster.map_shared_rank(block_sums, b);
+          row_loss += sums[0];
+          row_w += sums[1];
+        }
+        shared_finish.b = row_w;
+        if (rank == 0) {
+          p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN()
+                                         : divergence_loss_scale(p.div, p.T) * row_loss;
+        }
+      }
+    }
+    cluster.sync();  // no block leaves while another may still read its shared memory
+  } else if (threadIdx.x == 0) {
+    if (rank == 0) p.row_loss[out] = acc_t(0);
+    shared_finish = div_skipped<acc_t>(1);
+  }
+  __syncthreads();
+  const DivFinish<acc_t> f = shared_finish;
+  if (p.grad != nullptr) div_grad_pass<N, true>(p, f, s_cache, t_cache, lo, p.grad + a * p.g_sa + i * p.g_si, lo, hi);
+#endif
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kColumnsThreads) softmax_divergence_columns_kernel(Params<scalar_t, acc_t> p) {
+  const bool rkl = p.div == Divergence::ReverseKL;
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.rows;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t a = r / p.I, i = r % p.I;
+    const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
+    const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
+    const int64_t out = a * p.r_sa + i * p.r_si;
+    DivFinish<acc_t> f = div_skipped<acc_t>(1);
+    if (row_status(p, out).state == 0) {
+      DivAccum<acc_t> acc = DivAccum<acc_t>::empty();
+      for (int64_t j = 0; j < p.V; ++j) {
+        const acc_t xs[1] = {static_cast<acc_t>(sr[j * p.s_sv])}, xt[1] = {static_cast<acc_t>(tr[j * p.t_sv])};
+        acc.add(xs, xt, 1, p.k, p.inv_T, rkl);
+      }
+      f = div_finish(p, acc, out, true);
+      if (!rkl) {
+        acc_t loss = 0, total_w = 0;
+        for (int64_t j = 0; j < p.V; ++j) {
+          acc_t l, w, ps;
+          div_class(p, f, static_cast<acc_t>(sr[j * p.s_sv]), static_cast<acc_t>(tr[j * p.t_sv]), l, w, ps);
+          loss += l;
+          total_w += w;
+        }
+        f.b = total_w;
+        p.row_loss[out] =
+            f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN() : divergence_loss_scale(p.div, p.T) * loss;
+      }
+    } else {
+      p.row_loss[out] = acc_t(0);
+    }
+    if (p.grad == nullptr) continue;
+    scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
+    for (int64_t j = 0; j < p.V; ++j) {
+      const acc_t xs = static_cast<acc_t>(sr[j * p.s_sv]), xt = static_cast<acc_t>(tr[j * p.t_sv]);
+      gr[j * p.g_sv] = static_cast<scalar_t>(div_grad_value(p, f, xs, xt));
+    }
+  }
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // Thread-block clusters allowed (turned off by softmax_kl_allow_clusters, or after a
@@ -471,11 +892,19 @@ DeviceInfo device_info() {
   return info;
 }
 
+// The kernels of one family: forward KL and DecoupledKD (softmax_kl_*), or reverse KL,
+// JSD and TVD (softmax_divergence_*). Both share the launch plan and the launcher.
 template <typename scalar_t, typename acc_t>
-SoftmaxKLLimits limits_for(const DeviceInfo& dev, bool vec) {
-  const void* cached = reinterpret_cast<const void*>(vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, true>
-                                                         : softmax_kl_rows_kernel<scalar_t, acc_t, false, true>);
-  const void* cluster = reinterpret_cast<const void*>(softmax_kl_cluster_kernel<scalar_t, acc_t>);
+struct KernelFamily {
+  void (*rows[2][2])(Params<scalar_t, acc_t>);  // [vec][cache]
+  void (*cluster)(Params<scalar_t, acc_t>, int64_t);
+  void (*columns)(Params<scalar_t, acc_t>);
+};
+
+template <typename scalar_t, typename acc_t>
+SoftmaxKLLimits limits_for(const DeviceInfo& dev, bool vec, const KernelFamily<scalar_t, acc_t>& family) {
+  const void* cached = reinterpret_cast<const void*>(family.rows[vec][true]);
+  const void* cluster = reinterpret_cast<const void*>(family.cluster);
   SoftmaxKLLimits d;
   d.cc_major = dev.major;
   d.smem_optin = dev.smem_optin;
@@ -499,8 +928,32 @@ bool vectorizable(const ClassDimView& sv, const ClassDimView& tv, const ClassDim
          (gv == nullptr || (fits(*gv) && aligned16(grad)));
 }
 
+template <typename scalar_t, typename acc_t>
+KernelFamily<scalar_t, acc_t> forward_family() {
+  KernelFamily<scalar_t, acc_t> f;
+  f.rows[0][0] = softmax_kl_rows_kernel<scalar_t, acc_t, false, false>;
+  f.rows[0][1] = softmax_kl_rows_kernel<scalar_t, acc_t, false, true>;
+  f.rows[1][0] = softmax_kl_rows_kernel<scalar_t, acc_t, true, false>;
+  f.rows[1][1] = softmax_kl_rows_kernel<scalar_t, acc_t, true, true>;
+  f.cluster = softmax_kl_cluster_kernel<scalar_t, acc_t>;
+  f.columns = softmax_kl_columns_kernel<scalar_t, acc_t>;
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+KernelFamily<scalar_t, acc_t> divergence_family() {
+  KernelFamily<scalar_t, acc_t> f;
+  f.rows[0][0] = softmax_divergence_rows_kernel<scalar_t, acc_t, false, false>;
+  f.rows[0][1] = softmax_divergence_rows_kernel<scalar_t, acc_t, false, true>;
+  f.rows[1][0] = softmax_divergence_rows_kernel<scalar_t, acc_t, true, false>;
+  f.rows[1][1] = softmax_divergence_rows_kernel<scalar_t, acc_t, true, true>;
+  f.cluster = softmax_divergence_cluster_kernel<scalar_t, acc_t>;
+  f.columns = softmax_divergence_columns_kernel<scalar_t, acc_t>;
+  return f;
+}
+
 template <typename scalar_t>
-void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
+Params<scalar_t, at::opmath_type<scalar_t>> make_params(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const ClassDimView &sv = pr.view, &tv = pr.t_view, &gv = pr.grad_view;
   Params<scalar_t, acc_t> p;
@@ -524,23 +977,32 @@ void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
   p.beta = static_cast<acc_t>(pr.beta);
   p.ignore_index = pr.ignore_index;
   p.decoupled = pr.decoupled;
+  p.div = pr.divergence;
+  p.jsd_beta = static_cast<acc_t>(pr.jsd_beta);
+  p.jsd_one_minus_beta = static_cast<acc_t>(1.0 - pr.jsd_beta);
+  return p;
+}
+
+template <typename scalar_t, typename acc_t>
+void launch(const SoftmaxKLProblem& pr, const Params<scalar_t, acc_t>& p, const KernelFamily<scalar_t, acc_t>& family) {
+  const ClassDimView &sv = pr.view, &tv = pr.t_view, &gv = pr.grad_view;
   if (p.rows == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   if (pr.layout == KernelLayout::Columns) {
     const int64_t blocks = std::min<int64_t>((p.rows + kColumnsThreads - 1) / kColumnsThreads, 1 << 20);
-    softmax_kl_columns_kernel<scalar_t, acc_t><<<blocks, kColumnsThreads, 0, stream>>>(p);
+    family.columns<<<blocks, kColumnsThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   const bool vec = vectorizable<scalar_t>(sv, tv, p.grad == nullptr ? nullptr : &gv, p.s, p.t, p.grad);
   const DeviceInfo dev = device_info();
   const SoftmaxKLPlan plan =
-      plan_softmax_kl_rows(p.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec, limits_for<scalar_t, acc_t>(dev, vec));
+      plan_softmax_kl_rows(p.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec, limits_for(dev, vec, family));
   const int64_t blocks = std::min<int64_t>(p.rows, int64_t(1) << 30);
 
   if (plan.path == SoftmaxKLPath::Cluster) {
-    auto kernel = softmax_kl_cluster_kernel<scalar_t, acc_t>;
+    auto kernel = family.cluster;
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(static_cast<unsigned>(p.rows * plan.cluster));
     config.blockDim = dim3(static_cast<unsigned>(plan.threads));
@@ -565,15 +1027,11 @@ void launch(const SoftmaxKLProblem& pr, const at::Tensor& scale) {
     if (p.rows * plan.cluster < (int64_t(1) << 31)) g_cluster_failed_devices.fetch_or(uint64_t(1) << (dev.device % 64));
   }
   if (plan.path == SoftmaxKLPath::RowsCached) {
-    auto kernel = vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, true>
-                      : softmax_kl_rows_kernel<scalar_t, acc_t, false, true>;
-    kernel<<<blocks, plan.threads, plan.dynamic_smem, stream>>>(p);
+    family.rows[vec][true]<<<blocks, plan.threads, plan.dynamic_smem, stream>>>(p);
   } else {
     const int64_t threads = softmax_kl_threads(vec ? p.V / (16 / sizeof(scalar_t)) : p.V,
                                                softmax_kl_max_threads(sizeof(acc_t) == 8));
-    auto kernel = vec ? softmax_kl_rows_kernel<scalar_t, acc_t, true, false>
-                      : softmax_kl_rows_kernel<scalar_t, acc_t, false, false>;
-    kernel<<<blocks, threads, 0, stream>>>(p);
+    family.rows[vec][false]<<<blocks, threads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -606,8 +1064,8 @@ std::string softmax_kl_path_cuda(const at::Tensor& s, const at::Tensor& t, int64
                                             copied ? nullptr : s.const_data_ptr(),
                                             t_copied ? nullptr : t.const_data_ptr(), nullptr);
     const DeviceInfo dev = device_info();
-    const SoftmaxKLPlan plan =
-        plan_softmax_kl_rows(sv.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec, limits_for<scalar_t, acc_t>(dev, vec));
+    const SoftmaxKLPlan plan = plan_softmax_kl_rows(sv.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec,
+                                                    limits_for(dev, vec, forward_family<scalar_t, acc_t>()));
     name = softmax_kl_path_name(plan, vec);
   });
   return name;
@@ -620,20 +1078,333 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at
                                                    const std::optional<at::Tensor>& target,
                                                    const at::Tensor& scale, int64_t dim, double T,
                                                    int64_t ignore_index, double alpha, double beta,
-                                                   bool decoupled, bool compute_grad) {
+                                                   bool decoupled, bool compute_grad, c10::string_view divergence,
+                                                   double jsd_beta) {
   const c10::cuda::CUDAGuard guard(s.device());
   KDFAST_CHECK(scale.is_cuda() && scale.scalar_type() == at::kDouble && scale.numel() == 1,
                "softmax_kl: scale must be a float64 scalar on the GPU");
-  const SoftmaxKLProblem p =
+  SoftmaxKLProblem p =
       prepare_softmax_kl(s, t, target, dim, T, ignore_index, alpha, beta, decoupled, compute_grad);
-  KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cuda", [&] { launch<scalar_t>(p, scale); });
+  set_divergence(p, divergence, jsd_beta);
+  KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Params<scalar_t, acc_t> params = make_params<scalar_t>(p, scale);
+    if (p.divergence == Divergence::ForwardKL) {
+      launch(p, params, forward_family<scalar_t, acc_t>());
+    } else {
+      launch(p, params, divergence_family<scalar_t, acc_t>());
+    }
+  });
   return {p.row_loss, p.grad};
+}
+
+// ---------------------------------------------------------------------------------------
+// Sparse (top-k) teachers (csrc/softmax_kl_math.h): one block per row at a time. A bitmap in
+// global memory (one per block, reused row after row) marks the row's top-k classes: an
+// index out of range or repeated gives the row NaN; the tail (bucket) is summed online over
+// the unmarked classes on its own maximum; the coarse (k+1)-class problem gives the loss and
+// W; the gradient is written over the row, then scattered over K. The student row is read
+// twice (statistics, gradient: bucket) or not at all beyond K (renormalize); the teacher
+// in O(k).
+
+template <typename scalar_t, typename acc_t>
+struct TopKParams {
+  const scalar_t* s;
+  const int64_t* idx;
+  const acc_t* lp;
+  scalar_t* grad;            // nullptr: no gradient
+  const int64_t* target;     // nullptr: no target
+  acc_t* row_loss;
+  const double* scale;
+  uint32_t* bitmap;          // gridDim.x x words
+  int64_t rows, V, k, words, s_sr;
+  acc_t T, k2, inv_T, jsd_beta, jsd_one_minus_beta;  // k2 = log2(e) / T
+  int64_t ignore_index;
+  Divergence div;
+  bool renormalize;
+};
+
+// Block-wide reductions (valid in every thread): sums, maxima, and the maximum with the
+// smallest index holding it.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t x) {
+  __shared__ acc_t partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  x = lane < (blockDim.x + 31) / 32 ? partial[lane] : acc_t(0);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
+  __syncthreads();
+  return x;
+}
+
+template <typename acc_t>
+__device__ void block_argmax(acc_t& x, int64_t& at) {
+  __shared__ acc_t partial[32];
+  __shared__ int64_t partial_at[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const auto take = [&](acc_t y, int64_t y_at) {
+    if (y > x || (y == x && y_at < at)) {
+      x = y;
+      at = y_at;
+    }
+  };
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    take(__shfl_xor_sync(0xffffffff, x, offset), __shfl_xor_sync(0xffffffff, at, offset));
+  }
+  if (lane == 0) {
+    partial[warp] = x;
+    partial_at[warp] = at;
+  }
+  __syncthreads();
+  x = neg_inf<acc_t>();
+  at = std::numeric_limits<int64_t>::max();
+  if (lane < (blockDim.x + 31) / 32) take(partial[lane], partial_at[lane]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    take(__shfl_xor_sync(0xffffffff, x, offset), __shfl_xor_sync(0xffffffff, at, offset));
+  }
+  __syncthreads();
+}
+
+// A running (maximum, sum of exp((x - m)/T)) over some classes.
+template <typename acc_t>
+struct OnlineSum {
+  acc_t m, z;
+  __device__ void add(acc_t x, acc_t k2) {
+    if (x > m) {
+      z *= RowAccum<acc_t>::rescale(m, x, k2);
+      m = x;
+    }
+    if (m != neg_inf<acc_t>()) z += exp2_((x - m) * k2);
+  }
+  __device__ void merge(const OnlineSum& o, acc_t k2) {
+    const acc_t mm = o.m > m ? o.m : m;
+    z = z * RowAccum<acc_t>::rescale(m, mm, k2) + o.z * RowAccum<acc_t>::rescale(o.m, mm, k2);
+    m = mm;
+  }
+};
+
+template <typename acc_t>
+__device__ OnlineSum<acc_t> block_online(OnlineSum<acc_t> r, acc_t k2) {
+  __shared__ OnlineSum<acc_t> partial[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const auto shfl = [&](int offset) {
+    OnlineSum<acc_t> o{__shfl_xor_sync(0xffffffff, r.m, offset), __shfl_xor_sync(0xffffffff, r.z, offset)};
+    r.merge(o, k2);
+  };
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) shfl(offset);
+  if (lane == 0) partial[warp] = r;
+  __syncthreads();
+  r = lane < (blockDim.x + 31) / 32 ? partial[lane] : OnlineSum<acc_t>{neg_inf<acc_t>(), 0};
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) shfl(offset);
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ bool in_topk(const uint32_t* bits, int64_t j) { return (bits[j >> 5] >> (j & 31)) & 1u; }
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(512) softmax_kl_topk_kernel(TopKParams<scalar_t, acc_t> p) {
+  using Ops = CudaOps<acc_t>;
+  uint32_t* bits = p.bitmap + int64_t(blockIdx.x) * p.words;
+  const acc_t scale = static_cast<acc_t>(*p.scale);
+  const acc_t loss_scale = divergence_loss_scale(p.div, p.T);
+  const acc_t grad_scale = divergence_grad_scale(p.div, p.T) * scale;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const scalar_t* sr = p.s + r * p.s_sr;
+    const int64_t* ir = p.idx + r * p.k;
+    const acc_t* lr = p.lp + r * p.k;
+    const bool ignored = p.target != nullptr && p.target[r] == p.ignore_index;
+
+    // The row's top-k classes in the bitmap; out of range or repeated: the row is NaN.
+    for (int64_t w = threadIdx.x; w < p.words; w += blockDim.x) bits[w] = 0;
+    __syncthreads();
+    int bad = 0;
+    for (int64_t c = threadIdx.x; c < p.k; c += blockDim.x) {
+      const int64_t j = ir[c];
+      if (j < 0 || j >= p.V) {
+        bad = 1;
+      } else {
+        const uint32_t bit = 1u << (j & 31);
+        if (atomicOr(&bits[j >> 5], bit) & bit) bad = 1;
+      }
+    }
+    bad = __syncthreads_or(bad);
+
+    // The student over K: its maximum and the teacher's log-probability there (the anchor);
+    // renormalize: the teacher's maximum over K.
+    acc_t m_k = neg_inf<acc_t>(), m_lp = neg_inf<acc_t>();
+    int64_t arg = std::numeric_limits<int64_t>::max();
+    for (int64_t c = threadIdx.x; c < p.k; c += blockDim.x) {
+      const int64_t j = ir[c];
+      if (j < 0 || j >= p.V) continue;
+      const acc_t x = static_cast<acc_t>(sr[j]);
+      if (x > m_k || (x == m_k && c < arg)) {
+        m_k = x;
+        arg = c;
+      }
+      m_lp = lr[c] > m_lp ? lr[c] : m_lp;
+    }
+    block_argmax(m_k, arg);
+    int64_t unused = 0;
+    block_argmax(m_lp, unused);
+    // bucket: the tail, online over the classes outside K on its own maximum
+    OnlineSum<acc_t> tail{neg_inf<acc_t>(), 0};
+    if (!p.renormalize) {
+      for (int64_t j = threadIdx.x; j < p.V; j += blockDim.x) {
+        if (!in_topk(bits, j)) tail.add(static_cast<acc_t>(sr[j]), p.k2);
+      }
+      tail = block_online(tail, p.k2);
+    }
+    const acc_t m = m_k > tail.m ? m_k : tail.m;
+    const acc_t ref = m == neg_inf<acc_t>() ? acc_t(0) : m;
+    const acc_t ref_t = p.renormalize && m_lp != neg_inf<acc_t>() ? m_lp : acc_t(0);
+    acc_t z_k = 0, z_t = 0;
+    for (int64_t c = threadIdx.x; c < p.k; c += blockDim.x) {
+      const int64_t j = ir[c];
+      if (j >= 0 && j < p.V) z_k += exp2_((static_cast<acc_t>(sr[j]) - ref) * p.k2);
+      z_t += exp2_((lr[c] - ref_t) * p.k2);
+    }
+    z_k = block_sum(z_k);
+    z_t = block_sum(z_t);
+    const acc_t z = z_k + tail.z * RowAccum<acc_t>::rescale(tail.m, ref, p.k2);
+    const acc_t log_z = ::log(z);
+    const acc_t log_z_t = p.renormalize ? ::log(z_t) : acc_t(0);  // bucket: logprobs are log p as stored
+    const acc_t ref_tail = tail.m == neg_inf<acc_t>() ? acc_t(0) : tail.m;
+
+    // The coarse problem's anchor: the student's most probable class of K, or the tail.
+    acc_t ls_a = (m_k - ref) * p.inv_T - log_z;
+    acc_t lt_a = arg < p.k ? (lr[arg] - ref_t) * p.inv_T - log_z_t : neg_inf<acc_t>();
+    const bool has_tail = !p.renormalize && p.k < p.V;
+    acc_t ls_tail = neg_inf<acc_t>(), lt_tail = neg_inf<acc_t>();
+    if (has_tail) {
+      ls_tail = (ref_tail - ref) * p.inv_T + ::log(tail.z) - log_z;
+      lt_tail = topk_teacher_log_tail(z_t);
+      if (ls_tail > ls_a) {
+        ls_a = ls_tail;
+        lt_a = lt_tail;
+      }
+    }
+    const acc_t h_a =
+        divergence_terms<Ops>(p.div, lt_a - ls_a, Ops::exp(ls_a), Ops::exp(lt_a), p.jsd_beta, p.jsd_one_minus_beta).h;
+
+    // The loss and W over K, then the tail class.
+    acc_t loss = 0, total_w = 0;
+    for (int64_t c = threadIdx.x; c < p.k; c += blockDim.x) {
+      const int64_t j = ir[c];
+      if (j < 0 || j >= p.V) continue;
+      const acc_t xs = static_cast<acc_t>(sr[j]) - ref, xt = lr[c] - ref_t;
+      const acc_t ps = exp2_(xs * p.k2) / z, pt = exp2_(xt * p.k2) / (p.renormalize ? z_t : acc_t(1));
+      const ClassTerms<acc_t> t = divergence_terms<Ops>(p.div, (xt - xs) * p.inv_T + (log_z - log_z_t), ps, pt,
+                                                        p.jsd_beta, p.jsd_one_minus_beta);
+      loss += t.loss;
+      total_w += divergence_weight<Ops>(p.div, t, ps, h_a);
+    }
+    loss = block_sum(loss);
+    total_w = block_sum(total_w);
+    acc_t q_tail = 0, w_tail = 0;
+    if (has_tail) {
+      q_tail = Ops::exp(ls_tail);
+      const ClassTerms<acc_t> t =
+          divergence_terms<Ops>(p.div, lt_tail - ls_tail, q_tail, Ops::exp(lt_tail), p.jsd_beta, p.jsd_one_minus_beta);
+      loss += t.loss;
+      w_tail = divergence_weight<Ops>(p.div, t, q_tail, h_a);
+      total_w += w_tail;
+    }
+    const bool nan_row = bad || (m - m == acc_t(0) && m * p.inv_T - m * p.inv_T != acc_t(0));
+    if (threadIdx.x == 0) p.row_loss[r] = ignored ? acc_t(0) : (nan_row ? nan : loss_scale * loss);
+
+    if (p.grad != nullptr) {
+      scalar_t* gr = p.grad + r * p.V;
+      // outside K: the tail's w_tail - q_tail W spread by the softmax within the tail (bucket)
+      acc_t c_tail = tail.z > acc_t(0) ? grad_scale * (w_tail - q_tail * total_w) / tail.z : acc_t(0);
+      if (nan_row) c_tail = nan;
+      if (ignored) c_tail = 0;
+      for (int64_t j = threadIdx.x; j < p.V; j += blockDim.x) {
+        if (in_topk(bits, j) && !bad) continue;
+        acc_t g = c_tail;
+        if (!p.renormalize && !ignored) g = c_tail * exp2_((static_cast<acc_t>(sr[j]) - ref_tail) * p.k2);
+        gr[j] = static_cast<scalar_t>(g);
+      }
+      for (int64_t c = threadIdx.x; c < p.k && !bad; c += blockDim.x) {
+        const int64_t j = ir[c];
+        acc_t g = 0;
+        if (!ignored) {
+          const acc_t xs = static_cast<acc_t>(sr[j]) - ref, xt = lr[c] - ref_t;
+          const acc_t ps = exp2_(xs * p.k2) / z, pt = exp2_(xt * p.k2) / (p.renormalize ? z_t : acc_t(1));
+          const ClassTerms<acc_t> t = divergence_terms<Ops>(p.div, (xt - xs) * p.inv_T + (log_z - log_z_t), ps, pt,
+                                                            p.jsd_beta, p.jsd_one_minus_beta);
+          g = nan_row ? nan : grad_scale * (divergence_weight<Ops>(p.div, t, ps, h_a) - ps * total_w);
+        }
+        gr[j] = static_cast<scalar_t>(g);
+      }
+    }
+    __syncthreads();  // the bitmap is cleared for the next row only after every read
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_kl_topk_cuda(const at::Tensor& s, const at::Tensor& indices,
+                                                        const at::Tensor& logprobs,
+                                                        const std::optional<at::Tensor>& target,
+                                                        const at::Tensor& scale, double T, int64_t ignore_index,
+                                                        c10::string_view divergence, double jsd_beta,
+                                                        bool renormalize, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  KDFAST_CHECK(scale.is_cuda() && scale.scalar_type() == at::kDouble && scale.numel() == 1,
+               "softmax_kl_topk: scale must be a float64 scalar on the GPU");
+  const SoftmaxKLTopKProblem pr = prepare_softmax_kl_topk(s, indices, logprobs, target, T, ignore_index, divergence,
+                                                          jsd_beta, renormalize, compute_grad);
+  if (pr.rows == 0) return {pr.row_loss, pr.grad};
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t blocks = std::min<int64_t>(pr.rows, int64_t(4) * sms);
+  const int64_t words = (pr.V + 31) / 32;
+  const at::Tensor bitmap = at::empty({blocks, words}, s.options().dtype(at::kInt));
+  KDFAST_DISPATCH_FLOATING(pr.s.scalar_type(), "softmax_kl_topk_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TopKParams<scalar_t, acc_t> p;
+    p.s = pr.s.const_data_ptr<scalar_t>();
+    p.idx = pr.indices.const_data_ptr<int64_t>();
+    p.lp = pr.logprobs.const_data_ptr<acc_t>();
+    p.grad = pr.compute_grad ? pr.grad.mutable_data_ptr<scalar_t>() : nullptr;
+    p.target = pr.target.defined() ? pr.target.const_data_ptr<int64_t>() : nullptr;
+    p.row_loss = pr.row_loss.mutable_data_ptr<acc_t>();
+    p.scale = scale.const_data_ptr<double>();
+    p.bitmap = reinterpret_cast<uint32_t*>(bitmap.mutable_data_ptr<int32_t>());
+    p.rows = pr.rows;
+    p.V = pr.V;
+    p.k = pr.k;
+    p.words = words;
+    p.s_sr = pr.s_row_stride;
+    p.T = static_cast<acc_t>(pr.T);
+    p.k2 = static_cast<acc_t>(1.4426950408889634 / pr.T);
+    p.inv_T = static_cast<acc_t>(1.0 / pr.T);
+    p.jsd_beta = static_cast<acc_t>(pr.jsd_beta);
+    p.jsd_one_minus_beta = static_cast<acc_t>(1.0 - pr.jsd_beta);
+    p.ignore_index = pr.ignore_index;
+    p.div = pr.divergence;
+    p.renormalize = pr.renormalize;
+    const int threads = pr.V >= 16384 ? 512 : 256;
+    softmax_kl_topk_kernel<scalar_t, acc_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {pr.row_loss, pr.grad};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast_C, CUDA, m) {
   m.impl("softmax_kl", &softmax_kl_cuda);
+  m.impl("softmax_kl_topk", &softmax_kl_topk_cuda);
   m.impl("softmax_kl_path", &softmax_kl_path_cuda);
 }
 

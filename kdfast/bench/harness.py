@@ -53,6 +53,18 @@ class MemoryRatio:
 
 
 @dataclass
+class StoredRatio:
+    """What ``provider`` keeps of an input (``what``, e.g. the teacher) must be at least
+    ``smaller`` times fewer bytes than what ``baseline`` keeps of it."""
+    what: str
+    provider: str
+    provider_bytes: int
+    baseline: str
+    baseline_bytes: int
+    smaller: float
+
+
+@dataclass
 class Case:
     op: str
     shape: dict[str, int]
@@ -64,6 +76,7 @@ class Case:
     gbps_floors: dict[str, float] = field(default_factory=dict)       # provider -> min effective GB/s
     memory_ceilings: dict[str, int] = field(default_factory=dict)     # provider -> max peak extra bytes
     memory_ratios: list[MemoryRatio] = field(default_factory=list)
+    stored_ratios: list[StoredRatio] = field(default_factory=list)
     note: str = ""
     sweep: str | None = None           # the shape key a sweep varies (the x axis of --plot)
 
@@ -288,6 +301,13 @@ def run_case(case: Case, warmup: int, repeat: int, log=print, copy_gbps: float |
             record["error"] = "the baseline did not run"
         records.append(record)
         log(_format(record))
+    for stored in case.stored_ratios:
+        ratio = stored.baseline_bytes / stored.provider_bytes
+        record = {**base, "kind": "stored", "what": stored.what, "provider": stored.provider,
+                  "baseline": stored.baseline, "bytes": stored.provider_bytes, "baseline_bytes": stored.baseline_bytes,
+                  "smaller": ratio, "floor": stored.smaller, "met": ratio >= stored.smaller}
+        records.append(record)
+        log(_format(record))
     return records
 
 
@@ -309,6 +329,9 @@ def _format(r: dict[str, Any]) -> str:
         return f"{head} {r['speedup']:7.2f}x vs {r['baseline']} (floor {r['floor']}x: {met})"
     if r["kind"] == "bandwidth":
         return f"{head} {r['effective_gbps'] or 0:8.1f} GB/s effective (floor {r['floor_gbps']}: {met})"
+    if r["kind"] == "stored":
+        return (f"{head} {r['what']}: {r['bytes'] / 2**20:.2f} MB vs {r['baseline_bytes'] / 2**20:.1f} MB "
+                f"({r['smaller']:.0f}x smaller, floor {r['floor']:g}x: {met})")
     if r["kind"] == "memory":
         of = f" = {r['fraction']:g} x {r['baseline']}" if "baseline" in r else ""
         return f"{head} {r['peak_extra_mb'] or 0:9.1f} MB extra (ceiling {r['ceiling_mb']:.1f}{of}: {met})"

@@ -1,8 +1,10 @@
 """The eager formulas kdfast is measured against, written as their projects write them.
 
 fasterai 0.4.1 (SoftTarget, Attention, Similarity), lenscloth/RKD and RepDistiller (RKD),
-RepDistiller (PKT). The benchmarks time these; tests/test_losses.py checks that kdfast
-computes the same numbers, so a speed-up is always measured against the same loss.
+RepDistiller (PKT), TRL 1.16 (GKDTrainer.generalized_jsd_loss: JSD, and reverse KL as its
+beta = 1 end), Liger-Kernel's TVD reference (total variation). The benchmarks time these;
+tests/test_losses.py, tests/test_trl.py and tests/test_softmax_kl_divergences.py check that
+kdfast computes the same numbers, so a speed-up is always measured against the same loss.
 """
 from __future__ import annotations
 
@@ -83,3 +85,54 @@ def canonical_pkt(output_net, target_net, eps=1e-7):
     model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
     target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
     return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
+
+
+def trl_generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                             reduction="batchmean", num_items_in_batch=None):
+    """TRL 1.16's GKDTrainer.generalized_jsd_loss (tests/test_trl.py checks it against the
+    installed trl's own)."""
+    student_logits = student_logits / temperature
+    teacher_logits = teacher_logits / temperature
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    else:
+        beta = torch.tensor(beta, dtype=student_log_probs.dtype, device=student_log_probs.device)
+        mixture_log_probs = torch.logsumexp(
+            torch.stack([student_log_probs + torch.log1p(-beta), teacher_log_probs + torch.log(beta)]), dim=0)
+        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+        jsd = beta * kl_teacher + (1 - beta) * kl_student
+    if labels is not None:
+        mask = labels != -100
+        jsd = jsd[mask]
+    if num_items_in_batch is not None:
+        return jsd.sum() / num_items_in_batch
+    if reduction == "batchmean":
+        denom = mask.sum().clamp_min(1) if labels is not None else max(jsd.size(0), 1)
+        return jsd.sum() / denom
+    if reduction == "sum":
+        return jsd.sum()
+    if reduction == "mean":
+        return jsd.mean()
+    return jsd
+
+
+def eager_reverse_kl(student_logits, teacher_logits, T=1.0):
+    """T² · KL(p_student ‖ p_teacher), batchmean over dim 0: TRL's reverse-KL branch (beta = 1,
+    ``F.kl_div`` on log-probabilities) with kdfast's T² scaling."""
+    student_log_probs = F.log_softmax(student_logits / T, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / T, dim=-1)
+    kl = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    return kl.sum() / student_logits.shape[0] * (T * T)
+
+
+def eager_tvd(student_logits, teacher_logits, T=1.0):
+    """T · ½ sum |p_student - p_teacher|, batchmean over dim 0 (Liger-Kernel's reference and
+    DistillKit compute ½ sum |p - q| of the softmaxes)."""
+    p = F.softmax(student_logits / T, dim=-1)
+    q = F.softmax(teacher_logits / T, dim=-1)
+    return 0.5 * (p - q).abs().sum() / student_logits.shape[0] * T

@@ -21,7 +21,7 @@ import torch
 
 from .harness import Progress, copy_bandwidth, environment, run_case, write_records
 
-FAMILIES = ["softmax_kl", "attention", "relational", "callback"]
+FAMILIES = ["softmax_kl", "divergences", "attention", "relational", "callback"]
 
 
 def results_folder() -> str:
