@@ -199,7 +199,9 @@ def decoupled_kd_ref(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, T: 
     else:
         shift = gt.to(acc) * 1000.0
         nckd = _p_log_ratio(F.log_softmax(t / T - shift, -1), F.log_softmax(s / T - shift, -1)).sum(-1)
-    return (T * T) * (alpha * tckd + beta * nckd)
+    # a row without a softmax (all -inf, or +inf, NaN) is NaN, which 0 log 0 = 0 would hide
+    no_softmax = (p_s.isnan() | p_t.isnan()).any(-1)
+    return ((T * T) * (alpha * tckd + beta * nckd)).masked_fill(no_softmax, float("nan"))
 
 
 def _reduce(rows: torch.Tensor, reduction: str, batch_size: int, kept: torch.Tensor | None, weight: float,
