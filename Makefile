@@ -6,10 +6,22 @@ PIP := $(PY) -m pip
 CXX_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 SOURCES := setup.py $(CXX_SOURCES)
 
-.PHONY: test lint format build demo demo-llm bench info gpu-check gpu-stack-check clean
+.PHONY: test fuzz soak lint format build demo demo-llm bench info gpu-check gpu-stack-check clean
 
 test: $(VENV)/.built  ## build what changed and run the test suite
 	$(PY) -m pytest -q
+
+# Differential fuzzing of every function of kdfast.functional on cpu, triton (interpreted)
+# and torch against the float64 reference, hypothesis's `long` profile (random, many more
+# examples than the `ci` profile `make test` runs; about 15 minutes on 2 cores).
+# FUZZ_EXAMPLES=n sets the examples per test.
+FUZZ_EXAMPLES ?= 500
+fuzz: $(VENV)/.built  ## the long differential fuzzing run (tests/test_fuzz.py)
+	KDFAST_FUZZ=long KDFAST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# 100 distillation fits in one process (tests/test_soak.py; the test suite runs 20).
+soak: $(VENV)/.built  ## 100 fits: nothing left behind, memory flat
+	KDFAST_SOAK_FITS=100 $(PY) -m pytest -q -p no:cacheprovider tests/test_soak.py
 
 # ruff for Python (rules in pyproject.toml), clang-format for C++/CUDA (.clang-format): checks only.
 lint: $(VENV)/.installed  ## check the Python and C++/CUDA style

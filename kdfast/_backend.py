@@ -10,6 +10,11 @@
 Force one with ``kdfast.use_backend(name)`` (also a context manager) or the environment
 variable ``KDFAST_BACKEND``, read when kdfast is imported. Forcing a backend that cannot
 run a call raises :class:`BackendUnavailable` saying why.
+
+The choice is process-wide, not per thread: every thread sees the backend the last
+``use_backend`` set, and a ``with`` block restores, on exit, the choice in force when it
+was entered, in every thread. Set it once (e.g. before starting worker threads); blocks
+that overlap in time in different threads undo each other.
 """
 from __future__ import annotations
 
@@ -90,6 +95,8 @@ class use_backend:
     >>> kdfast.use_backend("cpu")            # from now on
     >>> with kdfast.use_backend("torch"):    # only inside the block
     ...     loss = kdfast.functional.soft_target_kl(s, t, T=4)
+
+    Process-wide: other threads see the backend it sets, also during a ``with`` block.
     """
 
     def __init__(self, name: str):

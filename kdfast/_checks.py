@@ -36,6 +36,10 @@ def check_pair(s, t, op: str, s_name: str, t_name: str, same_shape: bool = True)
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"{op}: {s_name} has batch size {s.shape[0]} and {t_name} {t.shape[0]}; "
                          f"student and teacher must see the same batch")
+    if t.requires_grad and not s.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {t_name} requires grad and {s_name} does not; the teacher's side is a target "
+                         f"(kdfast never backpropagates into it), so this loss would train nothing. Were the "
+                         f"arguments swapped? The student's tensor comes first")
 
 
 def check_dim(x: torch.Tensor, dim: int, op: str, name: str) -> int:
@@ -64,6 +68,16 @@ def check_power(p, op: str, what: str = "") -> float:
     if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p <= 0:
         raise ValueError(f"{op}: p must be a number > 0{what}, got {p!r}")
     return float(p)
+
+
+def check_weight(value, name: str, op: str, what: str = "") -> float:
+    """The one rule for a loss's weight, margin or epsilon: a finite number >= 0, or a
+    one-element tensor holding one."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op}: {name} must be a finite number >= 0{what}, got {value!r}")
+    return float(value)
 
 
 def check_reduction(reduction: str, op: str) -> str:
@@ -98,7 +112,8 @@ def check_target(target, logits: torch.Tensor, dim: int, op: str, ignore_index: 
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
         if bool(bad.any()):
             raise ValueError(f"{op}: target holds class index {int(target[bad][0])} outside [0, {num_classes}) "
-                             f"for logits with {num_classes} classes")
+                             f"for logits with {num_classes} classes, and it is not ignore_index={ignore_index} "
+                             f"(rows to leave out are labelled ignore_index)")
     return target
 
 
@@ -227,9 +242,10 @@ def check_map_lists(f_s, f_t, op: str) -> list[tuple[str, torch.Tensor, str, tor
     return [(f"f_s[{i}]", s, f"f_t[{i}]", t) for i, (s, t) in enumerate(zip(f_s, f_t))]
 
 
-def check_embeddings(e_s, e_t, op: str) -> None:
-    """Relational losses: student and teacher embeddings [B, ...] of one batch of >= 2."""
-    check_pair(e_s, e_t, op, "e_s", "e_t", same_shape=False)
+def check_embeddings(e_s, e_t, op: str, names: tuple[str, str] = ("e_s", "e_t")) -> None:
+    """Relational losses: student and teacher embeddings [B, ...] of one batch of >= 2
+    (``names``: the arguments' names, for errors)."""
+    check_pair(e_s, e_t, op, *names, same_shape=False)
     if e_s.shape[0] < 2:
         raise ValueError(f"{op}: a batch of {e_s.shape[0]} sample; relational losses compare samples with "
                          f"each other and need a batch of at least 2")
@@ -267,6 +283,7 @@ def check_callback_arguments(teacher, loss, weight, schedule, student_names: lis
                         f"loss(pred=, teacher_pred=, fm_s=, fm_t=, target=), got {loss!r}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise TypeError(f"{op}: weight must be a number (the blend is (1-w)·loss + w·KD), got {weight!r}")
+    check_weight(weight, "weight", op, " (the blend is (1-w)·loss + w·KD)")
     if schedule is not None and not (hasattr(schedule, "progress") or callable(schedule)):
         raise TypeError(f"{op}: schedule must be a Schedule (cos, lin, ...) or a function of pct_train, got "
                         f"{schedule!r}")

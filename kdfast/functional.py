@@ -37,7 +37,7 @@ def _softmax_divergence(op, student_logits, teacher_logits, divergence, beta, T,
     if isinstance(teacher_logits, TopK):
         indices, logprobs = checks.check_topk(teacher_logits, student_logits, dim, op)
         tail = checks.check_tail(tail, T, op)
-        target = checks.check_target(target, student_logits, dim, op, ignore_index)
+        target = checks.check_target(target, student_logits, dim, op, ignore_index, student_logits.shape[dim])
         return softmax_kl_topk_loss(student_logits, indices, logprobs, T=T, reduction=reduction, dim=dim,
                                     target=target, ignore_index=ignore_index, divergence=divergence, jsd_beta=beta,
                                     tail=tail, weight=weight, divisor=divisor, op=op)
@@ -45,7 +45,7 @@ def _softmax_divergence(op, student_logits, teacher_logits, divergence, beta, T,
         raise TypeError(f"{op}: teacher_logits is a plain tuple; a sparse teacher is passed as "
                         f"kdfast.TopK(indices, logprobs)")
     checks.check_pair(student_logits, teacher_logits, op, "student_logits", "teacher_logits")
-    target = checks.check_target(target, student_logits, dim, op, ignore_index)
+    target = checks.check_target(target, student_logits, dim, op, ignore_index, student_logits.shape[dim])
     return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
                            ignore_index=ignore_index, divergence=divergence, jsd_beta=beta, weight=weight,
                            divisor=divisor, op=op)
@@ -188,8 +188,9 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     T = checks.check_temperature(T, op)
     checks.check_reduction(reduction, op)
     target = checks.check_target(target, student_logits, dim, op, ignore_index, num_classes)
+    alpha, beta = checks.check_weight(alpha, "alpha", op), checks.check_weight(beta, "beta", op)
     return softmax_kl_loss(student_logits, teacher_logits, T=T, reduction=reduction, dim=dim, target=target,
-                           ignore_index=ignore_index, decoupled=True, alpha=float(alpha), beta=float(beta),
+                           ignore_index=ignore_index, decoupled=True, alpha=alpha, beta=beta,
                            normalize=bool(normalize), op=op)
 
 
@@ -221,7 +222,8 @@ def rkd(e_s: torch.Tensor, e_t: torch.Tensor, dist_weight: float = 25.0,
     embeddings [B, ...] (flattened; student and teacher widths may differ), both terms from
     one Gram matrix per model. A term of weight 0 is not computed."""
     checks.check_embeddings(e_s, e_t, "rkd")
-    return _relational.rkd_loss(e_s, e_t, float(dist_weight), float(angle_weight))
+    return _relational.rkd_loss(e_s, e_t, checks.check_weight(dist_weight, "dist_weight", "rkd"),
+                                checks.check_weight(angle_weight, "angle_weight", "rkd"))
 
 
 def rkd_distance(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
@@ -243,12 +245,12 @@ def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor
     As in the canonical code, a sample whose embedding holds a NaN or infinite value counts
     as a zero vector."""
     checks.check_embeddings(e_s, e_t, "pkt")
-    return _relational.pkt_loss(e_s, e_t, eps)
+    return _relational.pkt_loss(e_s, e_t, checks.check_weight(eps, "eps", "pkt"))
 
 
 def similarity_preserving(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2) -> torch.Tensor:
     """Similarity-preserving KD (Tung & Mori 2019) as fasterai computes it: MSE between the
     row-normalised (p-norm) Gram matrices of the flattened features."""
     op = "similarity_preserving"
-    checks.check_embeddings(f_s, f_t, op)
+    checks.check_embeddings(f_s, f_t, op, ("f_s", "f_t"))
     return _relational.similarity_preserving_loss(f_s, f_t, checks.check_power(p, op, " (the norm of the Gram rows)"))

@@ -89,7 +89,9 @@ class DecoupledKD(DistillationLoss):
     def __init__(self, T: float = 4, alpha: float = 1.0, beta: float = 8.0, normalize: bool = False):
         super().__init__()
         self.T = checks.check_temperature(T, "DecoupledKD")
-        self.alpha, self.beta, self.normalize = alpha, beta, normalize
+        checks.check_weight(alpha, "alpha", "DecoupledKD"), checks.check_weight(beta, "beta", "DecoupledKD")
+        self.alpha, self.beta = alpha, beta  # as given (the repr); checked here to fail early
+        self.normalize = normalize
 
     def forward(self, pred=None, teacher_pred=None, target=None, **kwargs):
         self._need_logits(pred, teacher_pred, "DecoupledKD")
@@ -163,6 +165,7 @@ class Attention(DistillationLoss):
 
     def __init__(self, p: float = 2, pool: bool = False):
         super().__init__()
+        checks.check_power(p, "Attention")
         self.p, self.pool = p, pool
 
     def forward(self, fm_s=None, fm_t=None, **kwargs):
@@ -176,6 +179,7 @@ class ActivationBoundaries(DistillationLoss):
 
     def __init__(self, m: float = 2):
         super().__init__()
+        checks.check_weight(m, "m", "ActivationBoundaries", " (the margin)")
         self.m = m
 
     def _pair(self, s, t):
@@ -207,6 +211,7 @@ class Similarity(DistillationLoss):
 
     def __init__(self, p: float = 2):
         super().__init__()
+        checks.check_power(p, "Similarity", " (the norm of the Gram rows)")
         self.p = p
 
     def forward(self, fm_s=None, fm_t=None, pred=None, **kwargs):
@@ -228,6 +233,7 @@ class RKD(DistillationLoss):
 
     def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
+        checks.check_weight(dist_weight, "dist_weight", "RKD"), checks.check_weight(angle_weight, "angle_weight", "RKD")
         self.dist_weight, self.angle_weight = dist_weight, angle_weight
 
     def forward(self, fm_s=None, fm_t=None, pred=None, teacher_pred=None, **kwargs):
@@ -244,6 +250,7 @@ class PKT(DistillationLoss):
 
     def __init__(self, eps: float = 1e-7):
         super().__init__()
+        checks.check_weight(eps, "eps", "PKT")
         self.eps = eps
 
     def forward(self, fm_s=None, fm_t=None, pred=None, teacher_pred=None, **kwargs):

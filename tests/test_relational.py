@@ -179,6 +179,25 @@ def test_nan_input(device, backend):
     assert_close(value, op.pkt_ref(s.double(), t.double()), 1e-5, "pkt")
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_pkt_gradient_of_a_sample_with_nan_or_inf(device, backend, bad):
+    """A NaN or inf at (i, j) of the student: as in the reference, row i of the gradient is
+    NaN and every other sample's gradient is finite and the reference's (the kernels' S e_s
+    once put NaN in column j of every sample). A bad teacher sample leaves it all finite."""
+    s = make((6, 10), torch.float32, device, seed=12)
+    t = make((6, 10), torch.float32, device, seed=13)
+    s[2, 3] = bad
+    t[4, 0] = bad
+    loss, grad = run(KF.pkt, backend, s, t)
+    ref_loss, ref_grad = run(op.pkt_ref, "torch", s.double(), t.double())
+    others = torch.arange(6, device=device) != 2
+    assert torch.isnan(grad[2]).all() and torch.isnan(ref_grad[2]).all()
+    assert torch.isfinite(grad[others]).all()
+    close(loss, ref_loss, 1e-5, "loss")
+    close(grad[others], ref_grad[others], 1e-5, "grad of the other samples")
+
+
 @pytest.mark.gpu_core
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("name", LOSSES)

@@ -199,9 +199,23 @@ class KnowledgeDistillationCallback(Callback):
             return {}
         return {k: v for k, v in zip(_unique_keys(names), slots) if v is not None}
 
+    # -- export --------------------------------------------------------------------------------
+    # learn.export() pickles the Learner with the callbacks it holds: the teacher is left out
+    # of the file (predicting does not need it, and it is often larger than the student), as
+    # are the hooks and activations of a fit. A loaded callback distils nothing until it is
+    # given a teacher again (``cb.teacher = model``); predicting works without one, training
+    # without one is an error.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(teacher=None, _fit=None,
+                     _batch=_PerBatch.empty(len(self.activations_student or ()), len(self.activations_teacher or ())))
+        return state
+
     # -- set up and tear down ------------------------------------------------------------------
     def _attach(self, for_validation: bool = False) -> None:
         self._detach()
+        if self.teacher is None:  # loaded from an export: get_preds runs before_fit too
+            return
         student = self.learn.model
         names_s, names_t = self.activations_student or [], self.activations_teacher or []
         modules_s = [find_layer(student, n, f"activations_student[{i}]", "student (learn.model)")
@@ -254,12 +268,18 @@ class KnowledgeDistillationCallback(Callback):
     def before_fit(self) -> None:
         self._attach()
 
+    def before_train(self) -> None:
+        if self.teacher is None:
+            raise RuntimeError("KnowledgeDistillationCallback has no teacher: it was loaded from learn.export(), "
+                               "which leaves the teacher out. Give it one (cb.teacher = teacher_model) or remove "
+                               "it (learn.remove_cb(KnowledgeDistillationCallback)) before fitting")
+
     def after_fit(self) -> None:
         self._detach()
 
     def before_validate(self) -> None:
         # validate() / get_preds() outside fit: hooks are only needed to blend the loss
-        if self.blend_valid and self._fit is None:
+        if self.blend_valid and self._fit is None and self.teacher is not None:
             self._attach(for_validation=True)
 
     def after_validate(self) -> None:

@@ -274,10 +274,47 @@ def _gram_pair(e_s: torch.Tensor, e_t: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @fused_op("kdfast::pkt", grads=("e_s",))
 def pkt(e_s: torch.Tensor, e_t: torch.Tensor, eps: float, compute_grad: bool,
-        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PKT on embeddings [B, D_s], [B, D_t]: (loss, S or empty); the gradient is S e_s."""
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PKT on embeddings [B, D_s], [B, D_t]: (loss, S, the student's zeroed samples), the
+    last two empty without compute_grad. A sample holding a NaN or an infinite value counts
+    as a zero vector (its squared norm G_ii is not finite: the kernels give it c_i = 0, so
+    its rows and columns of S are 0); see _pkt_backward for its gradient."""
     g_s, g_t = _gram_pair(e_s, e_t)
-    return KERNELS("pkt_gram", backend)(g_s, g_t, eps, compute_grad)
+    loss, S = KERNELS("pkt_gram", backend)(g_s, g_t, eps, compute_grad)
+    zeroed = ~torch.isfinite(g_s.diagonal()) if compute_grad else g_s.new_empty(0, dtype=torch.bool)
+    return loss, S, zeroed
+
+
+@pkt.register_fake
+def _(e_s, e_t, eps, compute_grad, backend):
+    B = e_s.shape[0]
+    acc = acc_dtype(e_s.dtype, e_t.dtype)
+    return (e_s.new_empty((), dtype=acc), e_s.new_empty((B, B) if compute_grad else (0,), dtype=acc),
+            e_s.new_empty((B,) if compute_grad else (0,), dtype=torch.bool))
+
+
+def _pkt_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2], inputs.e_s)  # S and the zeroed samples: by-products
+
+
+def _pkt_backward(ctx, grad_loss):
+    """``S e_s``, except on the zeroed samples. The reference (nan_to_num of x / |x|) gives
+    them a NaN gradient row and the other samples a finite one; in ``S e_s`` their NaN or
+    inf would reach every sample through column j (0 · NaN), so they are zeroed for the
+    product and their rows set to NaN after it. On the CPU the check is free and a batch
+    without such samples skips both passes; elsewhere (and when traced) they always run,
+    without waiting for the device."""
+    S, zeroed, e_s = ctx.saved_tensors
+    S = scale_saved_grad(S, grad_loss)
+    if type(zeroed) is torch.Tensor and zeroed.device.type == "cpu" and not bool(zeroed.any()):
+        with _float_matmuls(e_s):
+            return _grad(S, e_s)
+    zeroed = zeroed.unsqueeze(1)
+    with _float_matmuls(e_s):
+        return _grad(S, e_s.masked_fill(zeroed, 0)).masked_fill_(zeroed, float("nan"))
+
+
+pkt.register_autograd(_pkt_backward, setup_context=_pkt_setup_context)
 
 
 @fused_op("kdfast::similarity_preserving", grads=("f_s",))
@@ -304,9 +341,8 @@ def _gram_loss_backward(ctx, grad_loss):
         return _grad(scale_saved_grad(S, grad_loss), e_s)
 
 
-for _gram_loss in (pkt, similarity_preserving):
-    _gram_loss.register_fake(_gram_loss_fake)
-    _gram_loss.register_autograd(_gram_loss_backward, setup_context=_gram_loss_setup_context)
+similarity_preserving.register_fake(_gram_loss_fake)
+similarity_preserving.register_autograd(_gram_loss_backward, setup_context=_gram_loss_setup_context)
 
 
 # --- entry points (inputs validated by kdfast.functional) ---

@@ -189,15 +189,19 @@ def decoupled_kd_ref(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, T: 
     pt_g = p_t.gather(-1, target.unsqueeze(-1))
     b_s = torch.cat([ps_g, 1 - ps_g], -1)
     b_t = torch.cat([pt_g, 1 - pt_g], -1)
-    tckd = F.kl_div(b_s.clamp(min=1e-7).log(), b_t, reduction="none").sum(-1)
+    # F.kl_div's terms (fasterai's), with 0 log 0 = 0 also where both sides are -inf (a
+    # class of probability 0 for both: fasterai's kl_div gives 0 · (-inf - -inf) = NaN there)
+    tckd = _p_log_ratio(b_t.log(), b_s.clamp(min=1e-7).log()).sum(-1)
     if normalize:
         rows_shape = s.shape[:-1] + (C - 1,)
         s_nt, t_nt = (s / T)[~gt].view(rows_shape), (t / T)[~gt].view(rows_shape)
-        nckd = F.kl_div(F.log_softmax(s_nt, -1), F.softmax(t_nt, -1), reduction="none").sum(-1)
+        nckd = _p_log_ratio(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1)).sum(-1)
     else:
         shift = gt.to(acc) * 1000.0
-        nckd = F.kl_div(F.log_softmax(s / T - shift, -1), F.softmax(t / T - shift, -1), reduction="none").sum(-1)
-    return (T * T) * (alpha * tckd + beta * nckd)
+        nckd = _p_log_ratio(F.log_softmax(t / T - shift, -1), F.log_softmax(s / T - shift, -1)).sum(-1)
+    # a row without a softmax (all -inf, or +inf, NaN) is NaN, which 0 log 0 = 0 would hide
+    no_softmax = (p_s.isnan() | p_t.isnan()).any(-1)
+    return ((T * T) * (alpha * tckd + beta * nckd)).masked_fill(no_softmax, float("nan"))
 
 
 def _reduce(rows: torch.Tensor, reduction: str, batch_size: int, kept: torch.Tensor | None, weight: float,
