@@ -193,3 +193,23 @@ def check_callback_arguments(teacher, loss, weight, schedule, student_names: lis
         raise ValueError(f"{op}: {len(student_names)} student layer(s) {student_names} but {len(teacher_names)} "
                          f"teacher layer(s) {teacher_names}; pass one teacher layer per student layer, in "
                          f"matching order (match_feature_layers finds pairs)")
+
+
+def check_teacher_options(inference_mode, channels_last, compile_, dtype, teacher_names: list) -> None:
+    """KnowledgeDistillationCallback's teacher options."""
+    op = "KnowledgeDistillationCallback"
+    if not isinstance(inference_mode, bool):
+        raise TypeError(f"{op}: teacher_inference_mode must be True or False, got {inference_mode!r}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"{op}: teacher_channels_last must be True, False or None (follow the student's memory "
+                        f"format), got {channels_last!r}")
+    if not isinstance(compile_, (bool, dict)):
+        raise TypeError(f"{op}: teacher_compile must be True, False or a dict of torch.compile arguments (e.g. "
+                        f"{{'mode': 'max-autotune'}}), got {compile_!r}")
+    if compile_ is not False and teacher_names:
+        raise ValueError(f"{op}: teacher_compile distils the teacher's logits only, but activations_teacher="
+                         f"{teacher_names} are hooked (a compiled module does not call hooks added after it was "
+                         f"compiled); pass teacher_compile=False to hook teacher layers")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{op}: teacher_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None (the "
+                        f"teacher's own), got {dtype!r}")

@@ -5,6 +5,12 @@ Data: scikit-learn's digits, 1437 training images upscaled to 32×32 (3 channels
 held in memory so that image decoding does not blur the comparison. Teacher: ResNet-18.
 Students: a tiny CNN and a ResNet-18. Loss: SoftTarget (each library's), weight 0.5.
 A provider is one epoch of ``Learner.fit`` (training only: validation is skipped).
+
+Beside the default kdfast callback, the teacher options (TEACHER_OPTIONS) are timed each
+alone and together; ``teacher-forward-alone`` is the teacher's forward passes of one epoch
+under ``no_grad`` (what a KD epoch cannot avoid with the default options), so that the
+records show where a KD epoch's time goes. The compile option's records carry the time of
+its one compilation (``teacher_compile_s``), which the first (warm-up) epoch pays.
 Needs fastai and fasterai (the test extras); without them there are no cases.
 """
 from __future__ import annotations
@@ -45,7 +51,18 @@ def _student(name: str) -> nn.Module:
     return tiny_cnn() if name == "tiny_cnn" else resnet18(num_classes=10)
 
 
-def _providers(student_name: str, device: str):
+# kdfast's teacher options timed in the benchmark, by provider name.
+TEACHER_OPTIONS = {
+    "kdfast[inference_mode]": dict(teacher_inference_mode=True),
+    "kdfast[channels_last]": dict(teacher_channels_last=True),
+    "kdfast[bf16]": dict(teacher_dtype=torch.bfloat16),
+    "kdfast[compile]": dict(teacher_compile=True),
+    "kdfast[compile+bf16+inference_mode]": dict(teacher_compile=True, teacher_dtype=torch.bfloat16,
+                                                teacher_inference_mode=True),
+}
+
+
+def _providers(student_name: str, device: str, options: dict[str, dict]):
     import fastai.callback.all  # noqa: F401  (the default callbacks, as in any fastai script)
     from fastai.callback.core import Callback, CancelValidException
     from fastai.data.core import DataLoaders
@@ -60,34 +77,55 @@ def _providers(student_name: str, device: str):
 
     items = digits_items(SIZE, N_TRAIN)
 
+    def loaders():
+        return DataLoaders(DataLoader(items, bs=BS, shuffle=True, drop_last=True),
+                           DataLoader(items[:BS], bs=BS), device=torch.device(device))
+
+    def make_teacher():
+        torch.manual_seed(1)
+        return resnet18(num_classes=10).to(device).eval()
+
     def build(make_callback):
         def provider():
-            dls = DataLoaders(DataLoader(items, bs=BS, shuffle=True, drop_last=True),
-                              DataLoader(items[:BS], bs=BS), device=torch.device(device))
-            torch.manual_seed(1)
-            teacher = resnet18(num_classes=10).to(device).eval()
+            dls, teacher = loaders(), make_teacher()
             cbs = [TrainOnly()]
-            if make_callback is not None:
-                cbs.append(make_callback(teacher))
+            callback = make_callback(teacher) if make_callback is not None else None
+            if callback is not None:
+                cbs.append(callback)
             learn = Learner(dls, _student(student_name).to(device), loss_func=CrossEntropyLossFlat(), cbs=cbs)
 
             def run():
                 with learn.no_bar(), learn.no_logging():
                     learn.fit(1, 1e-3)
+            if getattr(callback, "teacher_compile", False):
+                run.extra_record = lambda: {"teacher_compile_s": callback.teacher_compile_seconds}
             return run
         return provider
+
+    def teacher_alone():
+        dl, teacher = loaders().train, make_teacher()
+
+        def run():
+            with torch.no_grad():
+                for xb, _ in dl:
+                    teacher(xb)
+        return run
 
     def fasterai(teacher):
         from fasterai.distill.distillation_callback import KnowledgeDistillationCallback
         from fasterai.distill.losses import SoftTarget
         return KnowledgeDistillationCallback(teacher, SoftTarget)
 
-    def kdfast(teacher):
-        from kdfast.fastai import KnowledgeDistillationCallback
-        from kdfast.losses import SoftTarget
-        return KnowledgeDistillationCallback(teacher, SoftTarget)
+    def kdfast(**options):
+        def make(teacher):
+            from kdfast.fastai import KnowledgeDistillationCallback
+            from kdfast.losses import SoftTarget
+            return KnowledgeDistillationCallback(teacher, SoftTarget, **options)
+        return make
 
-    return {"student-alone": build(None), "fasterai-callback": build(fasterai), "kdfast-callback": build(kdfast)}
+    return {"student-alone": build(None), "teacher-forward-alone": teacher_alone,
+            "fasterai-callback": build(fasterai), "kdfast-callback": build(kdfast()),
+            **{name: build(kdfast(**opts)) for name, opts in options.items()}}
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -236,6 +236,8 @@ def run_case(case: Case, warmup: int, repeat: int, log=print, copy_gbps: float |
             times = time_runner(run, case.device, warmup, repeat)
             record.update(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
                           p80_ms=quantile(times, 0.8), repeats=repeat)
+            if hasattr(run, "extra_record"):  # what the runner measured itself (e.g. a compile time)
+                record.update(run.extra_record())
             if case.min_bytes:
                 record["min_bytes"] = case.min_bytes
                 record["effective_gbps"] = case.min_bytes / (record["median_ms"] * 1e-3) / 1e9
