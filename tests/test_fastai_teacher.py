@@ -185,3 +185,37 @@ def test_bad_teacher_options():
         KnowledgeDistillationCallback(teacher_net(), L.SoftTarget, teacher_channels_last="yes")
     with pytest.raises(TypeError, match="teacher_inference_mode must be True or False"):
         KnowledgeDistillationCallback(teacher_net(), L.SoftTarget, teacher_inference_mode=1)
+
+
+def test_the_callback_benchmark_holds_every_option_to_the_floors():
+    """What `kdfast bench callback` runs: every kdfast provider against fasterai's callback at
+    the floors (4x with a tiny CNN student, 1.5x with a ResNet-18 one), every teacher option
+    against the default, and the teacher's forward passes alone beside the tiny CNN's epoch."""
+    pytest.importorskip("fasterai")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torchvision")
+    from kdfast.bench import callback as bench
+
+    cases = {case.op: case for case in bench.cases("cpu", quick=False)}
+    tiny, resnet = cases["kd_callback_epoch[tiny_cnn]"], cases["kd_callback_epoch[resnet18]"]
+    assert "teacher-forward-alone" in tiny.providers and "kdfast[compile]" in tiny.providers
+    for case, floor in ((tiny, 4.0), (resnet, 1.5)):
+        kdfast = [p for p in case.providers if p.startswith("kdfast")]
+        floors = {(f.provider, f.baseline): f.speedup for f in case.floors}
+        assert all(floors[(p, "fasterai-callback")] == floor for p in kdfast)
+        assert all(floors[(p, "kdfast-callback")] == 1.0 for p in kdfast if p != "kdfast-callback")
+
+
+def test_the_harness_records_what_a_runner_measured():
+    """A runner's ``extra_record()`` (the compile option's compile time) lands in its record."""
+    from kdfast.bench.harness import Case, run_case
+
+    def provider():
+        def run():
+            return None
+        run.extra_record = lambda: {"teacher_compile_s": 1.5}
+        return run
+
+    case = Case("probe", {"n": 1}, torch.float32, "cpu", {"p": provider})
+    (record,) = run_case(case, warmup=0, repeat=1, log=lambda line: None)
+    assert record["teacher_compile_s"] == 1.5 and record["repeats"] == 1
