@@ -293,15 +293,6 @@ def check_callback_arguments(teacher, loss, weight, schedule, student_names: lis
                          f"matching order (match_feature_layers finds pairs)")
 
 
-def check_weight(value, name: str, op: str) -> float:
-    """A loss term's weight: a finite number >= 0."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{op}: {name} must be a finite number >= 0 (the term's weight in the loss), got {value!r}")
-    return float(value)
-
-
 def _check_head(hidden, weight, bias, op: str, who: str, names: tuple[str, str, str], rows: int | None = None):
     """A linear head: hidden states [..., H] (rows = their leading dims), weight [V, H],
     bias [V] or None, one device. Returns the hidden states as [rows, H]."""
@@ -349,8 +340,8 @@ def check_fused_linear(student_hidden, student_weight, student_bias, teacher, ta
     if divergence not in divergences:
         raise ValueError(f"{op}: unknown divergence {divergence!r}; choose one of {', '.join(map(repr, divergences))}")
     T = check_temperature(T, op)
-    soft_weight = check_weight(soft_weight, "soft_weight", op)
-    hard_weight = check_weight(hard_weight, "hard_weight", op)
+    soft_weight = check_weight(soft_weight, "soft_weight", op, " (the term's weight in the loss)")
+    hard_weight = check_weight(hard_weight, "hard_weight", op, " (the term's weight in the loss)")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{op}: reduction={reduction!r}; fused_linear_kd reduces over the tokens with 'mean' (over "
                          f"the tokens kept) or 'sum' ('none' is not available: the weight gradient is summed over "
@@ -401,3 +392,21 @@ def check_fused_linear(student_hidden, student_weight, student_bias, teacher, ta
         raise ValueError(f"{op}: hard_weight={hard_weight:g} needs target (the labels of the cross-entropy term); "
                          f"pass target, or hard_weight=0")
     return h, tuple(teacher_args), target, T, soft_weight, hard_weight, tail
+def check_teacher_options(inference_mode, channels_last, compile_, dtype, teacher_names: list) -> None:
+    """KnowledgeDistillationCallback's teacher options."""
+    op = "KnowledgeDistillationCallback"
+    if not isinstance(inference_mode, bool):
+        raise TypeError(f"{op}: teacher_inference_mode must be True or False, got {inference_mode!r}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(f"{op}: teacher_channels_last must be True, False or None (follow the student's memory "
+                        f"format), got {channels_last!r}")
+    if not isinstance(compile_, (bool, dict)):
+        raise TypeError(f"{op}: teacher_compile must be True, False or a dict of torch.compile arguments (e.g. "
+                        f"{{'mode': 'max-autotune'}}), got {compile_!r}")
+    if compile_ is not False and teacher_names:
+        raise ValueError(f"{op}: teacher_compile distils the teacher's logits only, but activations_teacher="
+                         f"{teacher_names} are hooked (a compiled module does not call hooks added after it was "
+                         f"compiled); pass teacher_compile=False to hook teacher layers")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{op}: teacher_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None (the "
+                        f"teacher's own), got {dtype!r}")

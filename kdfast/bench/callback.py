@@ -5,6 +5,12 @@ Data: scikit-learn's digits, 1437 training images upscaled to 32×32 (3 channels
 held in memory so that image decoding does not blur the comparison. Teacher: ResNet-18.
 Students: a tiny CNN and a ResNet-18. Loss: SoftTarget (each library's), weight 0.5.
 A provider is one epoch of ``Learner.fit`` (training only: validation is skipped).
+
+Beside the default kdfast callback, the teacher options (TEACHER_OPTIONS) are timed each
+alone and together; ``teacher-forward-alone`` is the teacher's forward passes of one epoch
+under ``no_grad`` (what a KD epoch cannot avoid with the default options), so that the
+records show where a KD epoch's time goes. The compile option's records carry the time of
+its one compilation (``teacher_compile_s``), which the first (warm-up) epoch pays.
 Needs fastai and fasterai (the test extras); without them there are no cases.
 """
 from __future__ import annotations
@@ -45,7 +51,22 @@ def _student(name: str) -> nn.Module:
     return tiny_cnn() if name == "tiny_cnn" else resnet18(num_classes=10)
 
 
-def _providers(student_name: str, device: str):
+# kdfast's teacher options timed in the benchmark, by provider name; the ResNet-18 student's
+# case times those without a compilation (RESNET18_OPTIONS).
+TEACHER_OPTIONS = {
+    "kdfast[inference_mode]": dict(teacher_inference_mode=True),
+    "kdfast[channels_last]": dict(teacher_channels_last=True),
+    "kdfast[bf16]": dict(teacher_dtype=torch.bfloat16),
+    "kdfast[bf16+channels_last+inference_mode]": dict(teacher_dtype=torch.bfloat16, teacher_channels_last=True,
+                                                      teacher_inference_mode=True),
+    "kdfast[compile]": dict(teacher_compile=True),
+}
+RESNET18_OPTIONS = ["kdfast[channels_last]", "kdfast[bf16]", "kdfast[bf16+channels_last+inference_mode]"]
+# KD epoch speed-up over fasterai's callback that every kdfast provider is held to.
+FLOORS = {"tiny_cnn": 4.0, "resnet18": 1.5}
+
+
+def _providers(student_name: str, device: str, options: dict[str, dict]):
     import fastai.callback.all  # noqa: F401  (the default callbacks, as in any fastai script)
     from fastai.callback.core import Callback, CancelValidException
     from fastai.data.core import DataLoaders
@@ -60,34 +81,57 @@ def _providers(student_name: str, device: str):
 
     items = digits_items(SIZE, N_TRAIN)
 
+    def loaders():
+        return DataLoaders(DataLoader(items, bs=BS, shuffle=True, drop_last=True),
+                           DataLoader(items[:BS], bs=BS), device=torch.device(device))
+
+    def make_teacher():
+        torch.manual_seed(1)
+        return resnet18(num_classes=10).to(device).eval()
+
     def build(make_callback):
         def provider():
-            dls = DataLoaders(DataLoader(items, bs=BS, shuffle=True, drop_last=True),
-                              DataLoader(items[:BS], bs=BS), device=torch.device(device))
-            torch.manual_seed(1)
-            teacher = resnet18(num_classes=10).to(device).eval()
+            dls, teacher = loaders(), make_teacher()
             cbs = [TrainOnly()]
-            if make_callback is not None:
-                cbs.append(make_callback(teacher))
+            callback = make_callback(teacher) if make_callback is not None else None
+            if callback is not None:
+                cbs.append(callback)
             learn = Learner(dls, _student(student_name).to(device), loss_func=CrossEntropyLossFlat(), cbs=cbs)
 
             def run():
                 with learn.no_bar(), learn.no_logging():
                     learn.fit(1, 1e-3)
+            if getattr(callback, "teacher_compile", False):
+                run.extra_record = lambda: {"teacher_compile_s": callback.teacher_compile_seconds}
             return run
         return provider
+
+    def teacher_alone():
+        dl, teacher = loaders().train, make_teacher()
+
+        def run():
+            with torch.no_grad():
+                for xb, _ in dl:
+                    teacher(xb)
+        return run
 
     def fasterai(teacher):
         from fasterai.distill.distillation_callback import KnowledgeDistillationCallback
         from fasterai.distill.losses import SoftTarget
         return KnowledgeDistillationCallback(teacher, SoftTarget)
 
-    def kdfast(teacher):
-        from kdfast.fastai import KnowledgeDistillationCallback
-        from kdfast.losses import SoftTarget
-        return KnowledgeDistillationCallback(teacher, SoftTarget)
+    def kdfast(**options):
+        def make(teacher):
+            from kdfast.fastai import KnowledgeDistillationCallback
+            from kdfast.losses import SoftTarget
+            return KnowledgeDistillationCallback(teacher, SoftTarget, **options)
+        return make
 
-    return {"student-alone": build(None), "fasterai-callback": build(fasterai), "kdfast-callback": build(kdfast)}
+    providers = {"student-alone": build(None)}
+    if student_name == "tiny_cnn":  # the teacher's share of a KD epoch where it is most of it
+        providers["teacher-forward-alone"] = teacher_alone
+    return {**providers, "fasterai-callback": build(fasterai), "kdfast-callback": build(kdfast()),
+            **{name: build(kdfast(**opts)) for name, opts in options.items()}}
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -99,9 +143,16 @@ def cases(device: str, quick: bool) -> list[Case]:
     except ImportError as e:
         print(f"callback benchmark skipped: {e} (needs fastai, fasterai, scikit-learn, torchvision)")
         return []
-    floors = {"tiny_cnn": 2.5, "resnet18": 1.3}
-    return [Case(f"kd_callback_epoch[{student}]", {"images": N_TRAIN, "size": SIZE, "bs": BS}, torch.float32, device,
-                 _providers(student, device), floors=[Floor("kdfast-callback", "fasterai-callback", floor)],
-                 note=f"one training epoch of Learner.fit; teacher resnet18, student {student}, SoftTarget, "
-                      f"weight 0.5")
-            for student, floor in floors.items()]
+    result = []
+    for student, floor in FLOORS.items():
+        options = TEACHER_OPTIONS if student == "tiny_cnn" else {k: TEACHER_OPTIONS[k] for k in RESNET18_OPTIONS}
+        kdfast_providers = ["kdfast-callback", *options]
+        # each kdfast provider against fasterai's callback (the floor), each option against
+        # the default (at least as fast: the option's gain)
+        floors = [Floor(p, "fasterai-callback", floor) for p in kdfast_providers]
+        floors += [Floor(p, "kdfast-callback", 1.0) for p in options]
+        result.append(Case(f"kd_callback_epoch[{student}]", {"images": N_TRAIN, "size": SIZE, "bs": BS},
+                           torch.float32, device, _providers(student, device, options), floors=floors,
+                           note=f"one training epoch of Learner.fit; teacher resnet18, student {student}, "
+                                f"SoftTarget, weight 0.5"))
+    return result

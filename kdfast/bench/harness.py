@@ -298,6 +298,8 @@ def run_case(case: Case, warmup: int, repeat: int, log=print, copy_gbps: float |
                           repeats=repeat)
             if case.steadiness and name in case.steadiness.providers:
                 record["steadiness"] = steadiness_series(run, case, repeat)
+            if hasattr(run, "extra_record"):  # what the runner measured itself (e.g. a compile time)
+                record.update(run.extra_record())
             if case.min_bytes:
                 record["min_bytes"] = case.min_bytes
                 record["effective_gbps"] = case.min_bytes / (record["median_ms"] * 1e-3) / 1e9

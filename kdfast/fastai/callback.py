@@ -14,6 +14,10 @@ What differs from fasterai 0.4.1 (each a measured defect there):
   memory format (``ChannelsLast``); its logits reach the loss in float32, hooked features
   in the student's feature dtype (no upcast copies), and the loss is computed outside
   autocast;
+- the frozen teacher's cost can be cut further by measured options (``teacher_inference_mode``,
+  ``teacher_channels_last``, ``teacher_compile``, ``teacher_dtype``; README "The teacher's
+  cost in the callback" has their figures); the teacher is left as found after fit (train /
+  eval modes, memory format, dtype, ``requires_grad``), also when fit fails;
 - validation: the teacher does not run and ``valid_loss`` is the student's plain loss,
   comparable with a student trained alone (``blend_valid=True`` restores fasterai's
   blended validation loss); ``get_preds`` without labels works;
@@ -24,7 +28,9 @@ What differs from fasterai 0.4.1 (each a measured defect there):
 """
 from __future__ import annotations
 
+import copy
 import functools
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +78,46 @@ def _to_loss_dtype(x, dtype: torch.dtype | None = None):
     return x
 
 
+def _cast_inputs(xs, dtype: torch.dtype | None, channels_last: bool):
+    """The batch's inputs as the teacher copy wants them: floating tensors in ``dtype``, 4-d
+    ones in channels_last when the teacher is (one conversion here rather than one in its
+    first convolution)."""
+    if isinstance(xs, torch.Tensor):
+        if dtype is not None and xs.is_floating_point() and xs.dtype != dtype:
+            xs = xs.to(dtype)
+        if channels_last and xs.dim() == 4:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        return xs
+    if isinstance(xs, Mapping):
+        return {k: _cast_inputs(v, dtype, channels_last) for k, v in xs.items()}
+    if isinstance(xs, (tuple, list)):
+        return type(xs)(_cast_inputs(v, dtype, channels_last) for v in xs)
+    return xs
+
+
+def _plain(x):
+    """Tensors made under ``torch.inference_mode`` (also inside tuples, lists, dicts) as normal
+    tensors: a loss may save the teacher's tensors for backward (MSE, kdfast's kernels), which
+    an inference tensor refuses. One copy of the teacher's logits and hooked features."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*[_plain(v) for v in x])
+    if isinstance(x, (tuple, list)):
+        return type(x)(_plain(v) for v in x)
+    return x
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What identifies the teacher's current weights without reading them: each tensor's
+    storage, version counter (bumped by in-place updates such as an optimizer step), dtype and
+    device. A prepared teacher (a dtype copy, a compiled module) is reused while it holds."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.stride())
+                 for t in (*model.parameters(), *model.buffers()))
+
+
 def _first_tensor(xs):
     for x in xs:
         if isinstance(x, torch.Tensor):
@@ -109,6 +155,8 @@ class _PerFit:
     handles: list = field(default_factory=list)                       # forward hooks
     teacher_modes: list[tuple[nn.Module, bool]] = field(default_factory=list)  # to restore
     teacher_to_contiguous: bool = False     # the teacher was put in channels_last for this fit
+    runner: nn.Module | None = None         # what runs: the teacher, or its copy in teacher_dtype
+    channels_last: bool = False             # the runner is in channels_last (its inputs are put in it)
     for_validation: bool = False            # attached by before_validate, not before_fit
     device: torch.device | None = None      # the batches' device, where the teacher was moved
     warned_repeat: set[str] = field(default_factory=set)  # student layers that ran twice
@@ -149,6 +197,22 @@ class KnowledgeDistillationCallback(Callback):
         every validation batch and ``valid_loss`` moves with the schedule). Default False:
         ``valid_loss`` is the student's own loss.
 
+    The teacher's cost (its forward pass is most of a KD epoch with a small student):
+    teacher_inference_mode: run it under ``torch.inference_mode`` instead of ``no_grad``
+        (no version counters or autograd metadata on its tensors); its logits and hooked
+        features are then copied once into normal tensors, which a loss may save for backward.
+    teacher_channels_last: run it in channels_last (its inputs too): True, False, or None
+        (default) to follow the student's memory format (fastai's ``ChannelsLast``).
+    teacher_compile: ``torch.compile`` the frozen eval-mode teacher (True, or a dict of
+        ``torch.compile`` arguments). It compiles at the first distilled batch and is reused
+        by later fits while the teacher's weights, dtype and device stay the same; the time it
+        took is ``teacher_compile_seconds``. Distils the logits only (no ``activations_teacher``:
+        a compiled module does not call hooks added after it was compiled).
+    teacher_dtype: run a copy of the teacher in this dtype (e.g. ``torch.bfloat16``, for
+        hardware with fast bf16 such as AMX CPUs or GPUs); the inputs are cast to it and its
+        outputs back to the student's dtype. The copy costs the teacher's size in that dtype;
+        the teacher itself is not changed.
+
     When the weight is 0 (e.g. the first batch under ``cos``), the teacher is not run.
     """
 
@@ -156,7 +220,9 @@ class KnowledgeDistillationCallback(Callback):
 
     def __init__(self, teacher: nn.Module, loss: Callable, activations_student: str | list[str] | None = None,
                  activations_teacher: str | list[str] | None = None, weight: float = 0.5,
-                 schedule=None, blend_valid: bool = False):
+                 schedule=None, blend_valid: bool = False, teacher_inference_mode: bool = False,
+                 teacher_channels_last: bool | None = None, teacher_compile: bool | dict = False,
+                 teacher_dtype: torch.dtype | None = None):
         if hasattr(teacher, "model") and isinstance(getattr(teacher, "model"), nn.Module) \
                 and not isinstance(teacher, nn.Module):
             teacher = teacher.model  # a fastai Learner
@@ -171,6 +237,14 @@ class KnowledgeDistillationCallback(Callback):
         self._batch = _PerBatch.empty(len(student_names), len(teacher_names))
         for i, name in enumerate(teacher_names):  # fail now rather than at fit
             find_layer(teacher, name, f"activations_teacher[{i}]", "teacher")
+        checks.check_teacher_options(teacher_inference_mode, teacher_channels_last, teacher_compile,
+                                     teacher_dtype, teacher_names)
+        self.teacher_inference_mode = bool(teacher_inference_mode)
+        self.teacher_channels_last, self.teacher_compile = teacher_channels_last, teacher_compile
+        self.teacher_dtype = teacher_dtype
+        self.teacher_compile_seconds: float | None = None  # the last compilation's time
+        self._copy: tuple | None = None       # (fingerprint, dtype copy of the teacher)
+        self._compiled: tuple | None = None   # (key, compiled runner)
 
     # fastai attaches a callback by setting ``cb.learn`` and detaches it (also when fit
     # raises) by setting it to None: that is where hooks of a failed fit are removed.
@@ -217,20 +291,47 @@ class KnowledgeDistillationCallback(Callback):
         if self.teacher is None:  # loaded from an export: get_preds runs before_fit too
             return
         student = self.learn.model
+        fit = _PerFit(_as_loss_function(self.loss), for_validation=for_validation,
+                      teacher_modes=[(m, m.training) for m in self.teacher.modules()])
+        self.teacher.eval()
+        channels_last = _is_channels_last(student) if self.teacher_channels_last is None \
+            else self.teacher_channels_last
+        fit.runner = self._dtype_copy() if self.teacher_dtype is not None else self.teacher
+        if channels_last and not _is_channels_last(fit.runner):
+            fit.runner.to(memory_format=torch.channels_last)
+            fit.teacher_to_contiguous = fit.runner is self.teacher
+        elif not channels_last and fit.runner is not self.teacher and _is_channels_last(fit.runner):
+            fit.runner.to(memory_format=torch.contiguous_format)  # the copy, as a later fit wants it
+        fit.channels_last = channels_last and _is_channels_last(fit.runner)
         names_s, names_t = self.activations_student or [], self.activations_teacher or []
         modules_s = [find_layer(student, n, f"activations_student[{i}]", "student (learn.model)")
                      for i, n in enumerate(names_s)]
-        modules_t = [find_layer(self.teacher, n, f"activations_teacher[{i}]", "teacher")
+        modules_t = [find_layer(fit.runner, n, f"activations_teacher[{i}]", "teacher")
                      for i, n in enumerate(names_t)]
-        fit = _PerFit(_as_loss_function(self.loss), for_validation=for_validation,
-                      teacher_modes=[(m, m.training) for m in self.teacher.modules()])
         fit.handles += [m.register_forward_hook(self._student_hook(i)) for i, m in enumerate(modules_s)]
         fit.handles += [m.register_forward_hook(self._teacher_hook(i)) for i, m in enumerate(modules_t)]
-        self.teacher.eval()
-        if _is_channels_last(student) and not _is_channels_last(self.teacher):
-            self.teacher.to(memory_format=torch.channels_last)
-            fit.teacher_to_contiguous = True
         self.__dict__["_fit"] = fit
+
+    def _dtype_copy(self) -> nn.Module:
+        """A frozen eval-mode copy of the teacher in ``teacher_dtype``, made again only when the
+        teacher's weights changed since the last fit (the user's teacher is never cast: a cast
+        to bf16 and back would round its weights)."""
+        key = (_fingerprint(self.teacher), self.teacher_dtype)
+        if self._copy is None or self._copy[0] != key:
+            self._copy = self._compiled = None  # free the old copy before making the new one
+            model = copy.deepcopy(self.teacher).to(self.teacher_dtype).eval().requires_grad_(False)
+            self._copy = (key, model)
+        return self._copy[1]
+
+    def _compiled_runner(self, runner: nn.Module) -> nn.Module:
+        """``torch.compile`` of the runner, made once per module: the compiled code reads the
+        weights at each call, and its guards recompile when their dtype, device or memory
+        format, or the autocast state, change."""
+        if self._compiled is None or self._compiled[0] is not runner:
+            options = self.teacher_compile if isinstance(self.teacher_compile, dict) else {}
+            self._compiled = (runner, torch.compile(runner, **options))
+            self.__dict__["_compile_pending"] = True
+        return self._compiled[1]
 
     def _detach(self) -> None:
         fit = self.__dict__.get("_fit")
@@ -299,21 +400,36 @@ class KnowledgeDistillationCallback(Callback):
         batch, fit = self._batch, self._fit
         if not batch.capture:
             return
-        teacher = self.teacher
+        runner = fit.runner
         x = _first_tensor(self.xb)
         if x is not None and x.device != fit.device:
-            device = first_device(teacher)
-            if device is not None and device != x.device:
-                teacher.to(x.device)
+            for model in {id(m): m for m in (self.teacher, runner)}.values():
+                device = first_device(model)
+                if device is not None and device != x.device:
+                    model.to(x.device)
             fit.device = x.device
-        if teacher.training:
-            teacher.eval()
+        if runner.training:
+            runner.eval()
+        xb = self.xb
+        if self.teacher_dtype is not None or fit.channels_last:
+            xb = _cast_inputs(tuple(xb), self.teacher_dtype, fit.channels_last)
+        if self.teacher_compile:
+            runner = self._compiled_runner(runner)
         batch.teacher_running = True
+        start = time.perf_counter()
         try:
-            with torch.no_grad():
-                batch.teacher_pred = teacher(*self.xb)
+            if self.teacher_inference_mode:
+                with torch.inference_mode():
+                    pred = runner(*xb)
+                batch.teacher_pred = _plain(pred)
+                batch.fm_t = _plain(batch.fm_t)
+            else:
+                with torch.no_grad():
+                    batch.teacher_pred = runner(*xb)
         finally:
             batch.teacher_running = False
+        if self.__dict__.pop("_compile_pending", False):
+            self.teacher_compile_seconds = time.perf_counter() - start
 
     def after_loss(self) -> None:
         if not self._batch.capture:
