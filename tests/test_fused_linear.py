@@ -151,7 +151,7 @@ def test_batch_sequence_input():
             t.reshape(4, 9, -1) if isinstance(t, torch.Tensor) else (t[0].reshape(4, 9, -1), *t[1:])
         kw = dict(divergence="jsd", beta=0.5, T=2.0, hard_weight=1.0, tail="renormalize", chunk_size=5)
         h3 = h.detach().reshape(4, 9, H).requires_grad_()
-        (loss3, *_), (gh3, *rest3) = run("cpu", h3, w, b, t3, target=target.reshape(4, 9), **kw)
+        (loss3, *_), (gh3, *rest3) = run("cpu", h3, w, b, t3, target=target.reshape(4, 9).int(), **kw)
         (loss, *_), (gh, *rest) = run("cpu", h, w, b, t, target=target, **kw)
         assert gh3.shape == (4, 9, H)
         assert_close(loss3, loss, 1e-12, f"{form} loss")
@@ -484,3 +484,32 @@ def test_bench_declares_the_issue_floors():
     outputs = [quick.providers[name]()() for name in ("eager", "kdfast-cpu")]
     for a, e in zip(*outputs):
         assert_close(a, e, 1e-4, "kdfast vs eager")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreted on the CPU)")
+@pytest.mark.parametrize("form", ["hidden+bias", "logits", "topk-bucket"])
+def test_verified_first_use_checks_the_divergence_kernel(form, monkeypatch):
+    """On a GPU, auto's first call of an unvalidated kernel is checked (kdfast/_verify.py) on
+    the logits of the call's first rows; here on interpreted Triton: a correct kernel passes,
+    a kernel whose losses are off fails (auto then takes the next backend)."""
+    from kdfast import _verify
+    import kdfast.triton.softmax_kl as triton_kernels
+
+    monkeypatch.setenv("KDFAST_VERIFY", "always")
+    h, w, b, teacher, target = make(torch.float32, n=12, v=20)
+    t = teacher_form(teacher, form)
+    kw = dict(T=1.0, ignore_index=-100, divergence="jsd", jsd_beta=0.5, tail="bucket")
+    name = "softmax_kl_topk_triton" if form.startswith("topk") else "softmax_kl_triton"
+    _verify.reset()
+    assert op._verification("fused_linear_kd", h, w, b, teacher_args(t), target, kw)("triton") is True
+    good = getattr(triton_kernels, name)
+
+    def off_by_one(*args):
+        rows, grad = good(*args)
+        return rows + 1, grad
+
+    monkeypatch.setattr(triton_kernels, name, off_by_one)
+    _verify.reset()
+    with pytest.warns(RuntimeWarning, match="does not match the PyTorch reference"):
+        assert op._verification("fused_linear_kd", h, w, b, teacher_args(t), target, kw)("triton") is False
+    _verify.reset()

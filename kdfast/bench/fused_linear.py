@@ -23,7 +23,8 @@ from kdfast.ops.fused_linear import KERNELS
 
 
 # (warmup, repeat): a call takes seconds on a 2-core CPU (four N x V x H matmuls, and the
-# eager path's and the peers' elementwise passes); medians of 5.
+# eager path's and the peers' elementwise passes); medians of 5, the providers timed in
+# turns (calls of seconds on a shared machine: load changes between providers otherwise).
 REPEATS = {"cpu": (1, 5), "cuda": (3, 15)}
 
 
@@ -127,7 +128,7 @@ def cases(device: str, quick: bool) -> list[Case]:
                 floors.append(Floor(best, peer, 1.2))
                 memory.append(MemoryRatio(best, peer, 1.0))
         out.append(Case(op, {"N": n, "V": v, "H": h}, dtype, device, providers, floors=floors, memory_ratios=memory,
-                        repeats=REPEATS[device],
+                        repeats=REPEATS[device], interleave=True,
                         note=f"beta={beta} (0: forward KL), T=1, student and teacher heads, gradients of the "
                              f"student's hidden states and head weight; eager: logits materialised, TRL's "
                              f"generalized_jsd_loss"))

@@ -80,6 +80,7 @@ class Case:
     note: str = ""
     sweep: str | None = None           # the shape key a sweep varies (the x axis of --plot)
     repeats: tuple[int, int] | None = None  # (warmup, repeat) for calls of seconds, instead of the run's
+    interleave: bool = False           # time the providers in turns (see _interleaved)
 
 
 def kdfast_commit() -> str:
@@ -235,19 +236,27 @@ def run_case(case: Case, warmup: int, repeat: int, log=print, copy_gbps: float |
     if copy_gbps:
         base["copy_gbps"] = copy_gbps
     records, medians, measured, reference = [], {}, {}, None
+    timed = _interleaved(case, warmup, repeat, progress) if case.interleave else {}
     for name, provider in case.providers.items():
-        if progress is not None:
+        if progress is not None and not case.interleave:
             progress.start(f"{case.op} {' '.join(f'{k}={v}' for k, v in case.shape.items())} {name}")
         record = {**base, "kind": "timing", "provider": name}
         try:
-            run = provider()
-            output = run()  # (also a warm-up call)
+            if case.interleave:
+                found = timed.pop(name)
+                if isinstance(found, Exception):
+                    raise found
+                run, output, times = found
+            else:
+                run = provider()
+                output = run()  # (also a warm-up call)
             if output is not None:  # the output against the first provider's (the eager formula), once
                 if reference is None:
                     reference = output
                 else:
                     record["vs_first_provider"] = _max_relative_error(output, reference)
-            times = time_runner(run, case.device, warmup, repeat)
+            if not case.interleave:
+                times = time_runner(run, case.device, warmup, repeat)
             record.update(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
                           p80_ms=quantile(times, 0.8), repeats=repeat)
             if case.min_bytes:
@@ -310,6 +319,34 @@ def run_case(case: Case, warmup: int, repeat: int, log=print, copy_gbps: float |
         records.append(record)
         log(_format(record))
     return records
+
+
+def _interleaved(case: Case, warmup: int, repeat: int, progress: Progress | None) -> dict[str, Any]:
+    """Every provider built and called once, then timed in turns (1, 2, 3, 1, 2, 3, ...):
+    on a machine shared with other work, load that comes and goes falls on every provider
+    alike instead of on whichever ran then. Per provider (runner, first output, times in ms)
+    or the exception it raised."""
+    found: dict[str, Any] = {}
+    for name, provider in case.providers.items():
+        if progress is not None:
+            progress.start(f"{case.op} {' '.join(f'{k}={v}' for k, v in case.shape.items())} {name}")
+        try:
+            run = provider()
+            found[name] = (run, run(), [])
+        except Exception as e:  # reported by run_case
+            found[name] = e
+    for i in range(warmup + repeat):
+        for name, entry in list(found.items()):
+            if isinstance(entry, Exception):
+                continue
+            try:
+                ms = time_runner(entry[0], case.device, 0, 1)[0]
+            except Exception as e:
+                found[name] = e
+                continue
+            if i >= warmup:
+                entry[2].append(ms)
+    return found
 
 
 def _max_relative_error(output, reference) -> float:

@@ -378,6 +378,7 @@ def fused_linear_kd_loss(h, w, b, teacher_args, target, *, divergence, beta, T, 
     """Run the op on the chosen backend (inputs validated and flattened to rows by
     kdfast.functional): (loss, KD, CE), KD and CE detached (for logging)."""
     teacher_args = tuple(None if x is None else x.detach() for x in teacher_args)
+    target = None if target is None else target.long()  # the kernels' and F.cross_entropy's index dtype
     if chunk_size is None:
         chunk_size = default_chunk_size(h.shape[0], w.shape[0], h.device)
     kw = dict(T=T, ignore_index=ignore_index, divergence=divergence, jsd_beta=beta, tail=tail)
