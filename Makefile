@@ -13,7 +13,8 @@ test: $(VENV)/.built  ## build what changed and run the test suite
 
 # Differential fuzzing of every function of kdfast.functional on cpu, triton (interpreted)
 # and torch against the float64 reference, hypothesis's `long` profile (random, many more
-# examples than the `ci` profile `make test` runs; about 15 minutes on 2 cores).
+# examples than the `ci` profile `make test` runs; up to ~15 minutes on 2 cores, less when
+# a test fails early: no shrinking, a failure prints its inputs).
 # FUZZ_EXAMPLES=n sets the examples per test.
 FUZZ_EXAMPLES ?= 500
 fuzz: $(VENV)/.built  ## the long differential fuzzing run (tests/test_fuzz.py)
