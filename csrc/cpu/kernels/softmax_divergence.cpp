@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/kernels/softmax_divergence.h"
+#include "cpu/memory.h"
 #include "cpu/vec.h"
 
 namespace kdfast {
@@ -327,17 +328,18 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
   const acc_t loss_scale = divergence_loss_scale(div, T), grad_scale = divergence_grad_scale(div, T) * acc_t(scale_d);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(renormalize ? k : V, 1));
+  // Chunks of ~512K classes taken by the threads in turn, as for dense teachers.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 19) / std::max<int64_t>(renormalize ? k : V, 1));
   const int64_t padded = (V + K - 1) / K * K;
 
-  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(p.rows, chunk, [&](int64_t begin, int64_t end) {
     // e^ys of the classes outside K (0 on K: the tail's), and 1 on the row's top-k classes
     // (0 elsewhere; cleared after each row)
     acc_t* es = renormalize ? nullptr : scratch<acc_t>(padded);
     thread_local std::vector<acc_t> marks;
     if (static_cast<int64_t>(marks.size()) < padded) marks.assign(padded, 0);
     acc_t* mark = marks.data();
-    const Vec zero(0), vinv_T(inv_T);
+    const Vec zero(0), vk(static_cast<acc_t>(kLog2e) * inv_T);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* sr = s + r * p.s_row_stride;
       const int64_t* ir = indices + r * k;
@@ -387,7 +389,9 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
             const int64_t n = std::min(K, V - j);
             const Vec x = Vec::set(Vec(neg_inf), L::load(sr + j, n), n);
             max_s = Vec::blendv(max_s, x, x > max_s);
-            const Vec e = ((x - vref) * vinv_T).exp();
+            // (x - ref)/T <= 64 unless the row rises above K's maximum by more (then swept again,
+            // centred on the row's maximum): within exp2_nonpositive's range either way.
+            const Vec e = exp2_nonpositive((x - vref) * vk);
             const Vec e_tail = Vec::blendv(e, zero, Vec::loadu(mark + j) != zero);
             e_tail.store(es + j);
             sum = sum + e;
@@ -503,8 +507,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_topk_cpu(const at::Tensor& s, cons
                                                        const at::Tensor& scale, double T, int64_t ignore_index,
                                                        c10::string_view divergence, double jsd_beta, bool renormalize,
                                                        bool compute_grad) {
-  const SoftmaxKLTopKProblem p = prepare_softmax_kl_topk(s, indices, logprobs, target, T, ignore_index, divergence,
-                                                         jsd_beta, renormalize, compute_grad);
+  SoftmaxKLTopKProblem p = prepare_softmax_kl_topk(s, indices, logprobs, target, T, ignore_index, divergence,
+                                                   jsd_beta, renormalize, compute_grad);
+  // The [R, V] gradient from reused memory (csrc/cpu/memory.h): no page faults on a fresh one.
+  if (compute_grad) {
+    const at::Tensor grad = empty_like_reused(p.s);  // contiguous [R, V] (p.s's classes are)
+    p.grad = (grad.is_contiguous() ? grad : grad.contiguous()).view(s.sizes());
+  }
   const double grad_scale = scale.item<double>();
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_topk_cpu", [&] { topk_rows<scalar_t>(p, grad_scale); });
   return {p.row_loss, p.grad};
