@@ -198,6 +198,39 @@ def _topk_logits_cells() -> list[Cell]:
     ]
 
 
+def _fused_linear_cells() -> list[Cell]:
+    """fused_linear_kd: the student's hidden states [4, 8] and LM head [10, 8], the teacher's
+    (hidden [4, 6], head [10, 6])."""
+    h, w, th, tw = _t(4, 8), _t(10, 8, seed=1), _t(4, 6, seed=2), _t(10, 6, seed=3)
+    y = _labels()
+    name = "fused_linear_kd"
+
+    def call(**kw):
+        args = {"student_hidden": h, "student_weight": w, "teacher": (th, tw), **kw}
+        return lambda: KF.fused_linear_kd(**args)
+    return [
+        Cell(name, "integer", call(student_hidden=h.long()), TypeError, ("student_hidden", "torch.int64")),
+        Cell(name, "shape", call(student_weight=w.t()), ValueError, ("student_weight", "[8, 10]", "width 8")),
+        Cell(name, "batch", call(teacher=(th[:3], tw)), ValueError, ("teacher[0]", "3 rows", "the student 4")),
+        Cell(name, "vocabulary", call(teacher=(th, tw[:9])), ValueError, ("teacher[1]", "9 classes", "10")),
+        Cell(name, "T_nan", call(T=NAN), ValueError, ("T", "nan")),
+        Cell(name, "beta", call(divergence="jsd", beta=1.5), ValueError, ("beta", "1.5")),
+        Cell(name, "weight", call(soft_weight=NAN), ValueError, ("soft_weight", "nan")),
+        Cell(name, "weight_negative", call(hard_weight=-1, target=y), ValueError, ("hard_weight", "-1")),
+        Cell(name, "target_range", call(target=torch.tensor([1, 2, 3, 10]), hard_weight=1), ValueError,
+             ("target", "class index 10", "[0, 10)")),
+        Cell(name, "divergence", call(divergence="kl"), ValueError, ("divergence", "'kl'", "'jsd'")),
+        Cell(name, "teacher_form", call(teacher="teacher"), TypeError, ("teacher", "str")),
+        Cell(name, "hard_without_target", call(hard_weight=1.0), ValueError, ("hard_weight=1", "target")),
+    ]
+
+
+BAD.update({"vocabulary": "LM heads with different vocabularies",
+            "divergence": "an unknown divergence name",
+            "hard_without_target": "a cross-entropy weight without labels",
+            "teacher_form": "a teacher that is neither (hidden, weight[, bias]), logits nor a TopK"})
+
+
 class _Net(nn.Sequential):
     def __init__(self):
         super().__init__(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -224,7 +257,7 @@ BAD.update({"layer_name": "a layer name that is not a layer of the model",
 
 
 def cells() -> list[Cell]:
-    out = [c for api in APIS for c in _cells_for(api)] + _topk_logits_cells()
+    out = [c for api in APIS for c in _cells_for(api)] + _topk_logits_cells() + _fused_linear_cells()
     try:
         out += _callback_cells()
     except ImportError:  # no fastai
