@@ -121,7 +121,8 @@ inline SoftmaxKLTopKProblem prepare_softmax_kl_topk(const at::Tensor& s, const a
                                                     const at::Tensor& logprobs,
                                                     const std::optional<at::Tensor>& target, double T,
                                                     int64_t ignore_index, c10::string_view divergence,
-                                                    double jsd_beta, bool renormalize, bool compute_grad) {
+                                                    double jsd_beta, bool renormalize, bool compute_grad,
+                                                    EmptyLikeFn empty_like = plain_empty_like) {
   KDFAST_CHECK(s.dim() >= 1 && indices.dim() == s.dim() && logprobs.sizes() == indices.sizes() &&
                    s.sizes().slice(0, s.dim() - 1) == indices.sizes().slice(0, s.dim() - 1),
                "softmax_kl_topk: student ", s.sizes(), ", indices ", indices.sizes(), " and logprobs ",
@@ -151,7 +152,9 @@ inline SoftmaxKLTopKProblem prepare_softmax_kl_topk(const at::Tensor& s, const a
     KDFAST_CHECK(target->device() == s.device(), "softmax_kl_topk: target on another device");
     p.target = target->to(at::kLong).contiguous();
   }
-  p.grad = compute_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
+  // The gradient: contiguous [..., V] (p.s is [R, V] with contiguous classes; a dense p.s is
+  // contiguous, and empty_like gives anything else a contiguous tensor).
+  p.grad = compute_grad ? empty_like(p.s).view(s.sizes()) : at::empty({0}, s.options());
   p.T = T;
   p.jsd_beta = jsd_beta;
   p.ignore_index = ignore_index;

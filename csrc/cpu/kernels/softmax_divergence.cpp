@@ -507,13 +507,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_topk_cpu(const at::Tensor& s, cons
                                                        const at::Tensor& scale, double T, int64_t ignore_index,
                                                        c10::string_view divergence, double jsd_beta, bool renormalize,
                                                        bool compute_grad) {
-  SoftmaxKLTopKProblem p = prepare_softmax_kl_topk(s, indices, logprobs, target, T, ignore_index, divergence,
-                                                   jsd_beta, renormalize, compute_grad);
-  // The [R, V] gradient from reused memory (csrc/cpu/memory.h): no page faults on a fresh one.
-  if (compute_grad) {
-    const at::Tensor grad = empty_like_reused(p.s);  // contiguous [R, V] (p.s's classes are)
-    p.grad = (grad.is_contiguous() ? grad : grad.contiguous()).view(s.sizes());
-  }
+  // The gradient from reused memory (csrc/cpu/memory.h): no page faults on a fresh one.
+  const SoftmaxKLTopKProblem p = prepare_softmax_kl_topk(s, indices, logprobs, target, T, ignore_index, divergence,
+                                                         jsd_beta, renormalize, compute_grad, &empty_like_reused);
   const double grad_scale = scale.item<double>();
   KDFAST_DISPATCH_FLOATING(p.s.scalar_type(), "softmax_kl_topk_cpu", [&] { topk_rows<scalar_t>(p, grad_scale); });
   return {p.row_loss, p.grad};
