@@ -15,8 +15,10 @@ from kdfast import demo  # noqa: E402
 
 
 def test_demo_tiny_run(tmp_path, capsys):
+    """The tutorial's setting (one seed): the tutorial's models, names and layer pairs."""
     out = tmp_path / "out"
-    assert demo.main(["--epochs", "1", "--size", "32", "--bs", "16", "--limit", "60", "--out", str(out)]) == 0
+    assert demo.main(["--setting", "tutorial", "--seeds", "1", "--epochs", "1", "--size", "32", "--bs", "16",
+                      "--limit", "60", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "train_loss" in printed and "valid_loss" in printed  # fastai's epoch tables
     assert "KD overhead" in printed and "SoftTarget + cos" in printed
@@ -28,15 +30,86 @@ def test_demo_tiny_run(tmp_path, capsys):
     for row in results["summary"]:
         assert 0 <= row["final_accuracy"] <= 1 and row["s_per_epoch"] > 0
     assert [("kd_overhead" in r) for r in results["summary"]] == [False, False, True, True]
+    assert (results["teacher"], results["student"], results["teacher_epochs"], results["seeds"]) == \
+        ("resnet34", "resnet18", 1, [0])
+    assert all(r["train_images"] == results["train_images"] == 48 for r in results["summary"])
     assert (out / "accuracy.png").stat().st_size > 1000
     assert len(list((out / "digits").glob("*.png"))) == 60
+
+
+def test_demo_low_data_seeds(tmp_path, capsys):
+    """The default setting at a tiny size: the teacher trained once on every training image,
+    each student on --student-images of them per seed; the summary is computed from the seeds'
+    own curves."""
+    out = tmp_path / "out"
+    assert demo.main(["--seeds", "3,5", "--epochs", "2", "--teacher-epochs", "1", "--teacher", "resnet18",
+                      "--student-images", "20", "--student-bs", "8", "--bs", "16", "--limit", "70", "--T", "4",
+                      "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "vs alone" in printed and "mean ± std over seeds 3, 5" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert (results["setting"], results["student"], results["seeds"], results["T"]) == ("low-data", "small-cnn",
+                                                                                       [3, 5], 4.0)
+    assert list(results["runs"]) == ["teacher ResNet-18", "student alone", "SoftTarget T=4, weight 0.9",
+                                     "Attention (weight 0.9)"]
+    assert results["pairs"]["student"] == ["layer1", "layer2", "layer3"]
+    teacher, *students = results["summary"]
+    assert teacher["seeds"] == [42] and teacher["train_images"] == 56 and teacher["epochs"] == 1
+    alone = results["runs"]["student alone"]
+    for row in students:
+        run = results["runs"][row["model"]]
+        assert row["seeds"] == [3, 5] and row["train_images"] == 20 and row["epochs"] == 2
+        assert [len(r["accuracy"]) for r in run["per_seed"]] == [2, 2]
+        finals = [r["accuracy"][-1] for r in run["per_seed"]]
+        assert row["final_accuracy_per_seed"] == finals
+        assert row["final_accuracy"] == pytest.approx(sum(finals) / 2)
+        assert row["final_accuracy_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+        assert run["accuracy"] == pytest.approx([(a + b) / 2 for a, b in zip(*(r["accuracy"] for r in run["per_seed"]))])
+        if row["model"] != "student alone":
+            gains = [f - r["accuracy"][-1] for f, r in zip(finals, alone["per_seed"])]
+            assert row["gain_over_alone"] == pytest.approx(sum(gains) / 2)
+    # the students' images differ by seed, the validation images do not
+    assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_spread_and_aggregate():
+    """Mean ± sample std, min and max over seeds, per epoch and for the final accuracy."""
+    assert demo.spread([0.5, 0.7, 0.9]) == pytest.approx({"mean": 0.7, "std": 0.2, "min": 0.5, "max": 0.9})
+    assert demo.spread([0.8]) == {"mean": 0.8, "std": 0.0, "min": 0.8, "max": 0.8}
+    run = {"seeds": [0, 1], "train_images": 10, "epochs": 2,
+           "per_seed": [{"accuracy": [0.2, 0.6], "epoch_s": [1.0, 3.0], "train_s": [1.0, 2.0]},
+                        {"accuracy": [0.4, 0.8], "epoch_s": [2.0, 4.0], "train_s": [2.0, 4.0]}]}
+    agg = demo.aggregate(run)
+    assert agg["accuracy"] == pytest.approx([0.3, 0.7])
+    assert agg["accuracy_min"] == [0.2, 0.6] and agg["accuracy_max"] == [0.4, 0.8]
+    assert agg["accuracy_std"] == pytest.approx([0.1 * 2 ** 0.5] * 2)
+    alone = demo.aggregate({**run, "per_seed": [{"accuracy": [0.1, 0.5], "epoch_s": [1.0], "train_s": [1.0]},
+                                                {"accuracy": [0.1, 0.9], "epoch_s": [1.0], "train_s": [1.0]}]})
+    row = demo._summary_row("kd", agg, alone)
+    assert row["final_accuracy"] == pytest.approx(0.7) and row["final_accuracy_per_seed"] == [0.6, 0.8]
+    assert row["gain_over_alone"] == pytest.approx(0.0)  # +0.1 and -0.1, seed by seed
+    assert row["gain_over_alone_min"] == pytest.approx(-0.1) and row["gain_over_alone_max"] == pytest.approx(0.1)
+    assert row["best_accuracy"] == pytest.approx(0.7) and row["train_s_per_epoch"] == 2.0
+    assert row["kd_overhead"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="different lengths"):
+        demo.aggregate({**run, "per_seed": [{"accuracy": [0.1]}, {"accuracy": [0.1, 0.2]}]})
+
+
+def test_seeds_option():
+    assert demo.parse_seeds("3") == [0, 1, 2]
+    assert demo.parse_seeds("4,2,9") == [4, 2, 9]
+    assert demo.parse_seeds("7,") == [7]
+    for bad, message in [("0", "at least 1"), ("a,b", "comma-separated list"), ("1,1", "each once")]:
+        with pytest.raises(demo.DemoError, match=message):
+            demo.parse_seeds(bad)
 
 
 def test_demo_on_a_folder_labelled_by_file_name(tmp_path, capsys):
     names = [f"{'Cat' if i % 2 else 'dog'}_{i}.png" for i in range(40)]
     data = write_digit_images(tmp_path / "pets" / "images", names)
     out = tmp_path / "out"
-    assert demo.main(["--data", str(data.parent), "--label", r"regex:^(\w+?)_", "--epochs", "1", "--size", "32",
+    assert demo.main(["--setting", "tutorial", "--seeds", "1", "--data", str(data.parent), "--label", r"regex:^(\w+?)_",
+                      "--epochs", "1", "--size", "32",
                       "--bs", "16", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["classes"] == ["Cat", "dog"] and results["images"] == 40
@@ -49,6 +122,8 @@ def test_demo_on_a_folder_labelled_by_file_name(tmp_path, capsys):
     (["--data", "{tmp}/one", "--label", "regex:^x(\\d)"], "does not match the file name"),
     (["--data", "{tmp}/one", "--label", "regex:("], "not a valid regular expression"),
     (["--label", "stem"], "is not a labelling rule"),
+    (["--seeds", "x"], "give a count"),
+    (["--limit", "40", "--student-images", "8", "--student-bs", "16"], "fewer than the students' batch"),
 ])
 def test_demo_data_messages(tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
