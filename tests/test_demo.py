@@ -64,12 +64,24 @@ def test_demo_low_data_seeds(tmp_path, capsys):
         assert row["final_accuracy_per_seed"] == finals
         assert row["final_accuracy"] == pytest.approx(sum(finals) / 2)
         assert row["final_accuracy_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
-        assert run["accuracy"] == pytest.approx([(a + b) / 2 for a, b in zip(*(r["accuracy"] for r in run["per_seed"]))])
+        curves = [r["accuracy"] for r in run["per_seed"]]
+        assert run["accuracy"] == pytest.approx([(a + b) / 2 for a, b in zip(*curves)])
         if row["model"] != "student alone":
             gains = [f - r["accuracy"][-1] for f, r in zip(finals, alone["per_seed"])]
             assert row["gain_over_alone"] == pytest.approx(sum(gains) / 2)
-    # the students' images differ by seed, the validation images do not
     assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_student_images_differ_by_seed_validation_images_do_not(tmp_path):
+    files = demo.write_digits(tmp_path / "digits", limit=100)
+    label = demo.label_function("prefix")
+    full = demo.make_dataloaders(files, label, 16, 8, seed=42)
+    subsets = [demo.make_dataloaders(files, label, 16, 8, seed=42, train_images=30, subset_seed=s, vocab=full.vocab)
+               for s in (0, 1, 0)]
+    trains = [sorted(map(str, d.train_ds.items)) for d in subsets]
+    assert all(len(t) == 30 and set(t) <= set(map(str, full.train_ds.items)) for t in trains)
+    assert trains[0] == trains[2] and trains[0] != trains[1]
+    assert all(list(d.valid_ds.items) == list(full.valid_ds.items) and d.vocab == full.vocab for d in subsets)
 
 
 def test_spread_and_aggregate():
