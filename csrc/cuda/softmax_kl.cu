@@ -1,10 +1,12 @@
-// Fused temperature-softmax KL on CUDA GPUs (math: softmax_kl_math.h).
+// Fused temperature-softmax divergences on CUDA GPUs (math: softmax_kl_math.h).
 //
 // Every kernel keeps, per row, an online max and sum of exp((x - M)/T) for the student and
-// the teacher plus the teacher-weighted gap sum, merges them across threads, finishes the
-// row (loss, gradient constants a, b) and writes grad_j = a e_s,j - b e_t,j:
+// the teacher plus the divergence's cross sum (forward KL: the teacher-weighted gap; reverse
+// KL: the student-weighted gap to the anchor), merges them across threads, finishes the row
+// (loss, gradient constants) and writes the gradient, e.g. grad_j = a e_s,j - b e_t,j for
+// forward KL. Each kernel serves both families of divergences (ForwardKL, LLMDivergences):
 //   rows kernel     one block per row with contiguous classes; 16-byte loads; the row is
-//                   kept in shared memory when it fits, so the gradient pass re-reads
+//                   kept in shared memory when it fits, so the later passes re-read
 //                   nothing from HBM (traffic: read s, read t, write grad);
 //   cluster kernel  (sm_90) rows too large for one block's shared memory are split over a
 //                   thread-block cluster of up to 8 blocks, each caching its slice; the
@@ -67,30 +69,46 @@ struct Params {
   acc_t T, k, inv_T, alpha, beta;  // k = log2(e) / T
   int64_t ignore_index;
   bool decoupled;
-  Divergence div;                      // the divergence kernels (softmax_divergence_*)
+  Divergence div;                      // ForwardKL or one of LLMDivergences
   acc_t jsd_beta, jsd_one_minus_beta;
 };
 
-// Running statistics of (part of) a row: maxima of the raw logits, sums of exp((x - M)/T),
-// and the teacher-weighted gap sum of the centred logits, all relative to the current maxima.
+// ---------------------------------------------------------------------------------------
+// Two families of divergences share the kernels below (rows, cluster, columns), each a
+// struct with its running statistics (Accum), its row finish and its gradient:
+//   ForwardKL       forward KL and DecoupledKD: the teacher-weighted gap sum; gradient
+//                   grad_j = a e_s,j - b e_t,j (softmax_kl_finish_row);
+//   LLMDivergences  reverse KL, JSD, TVD (csrc/softmax_kl_math.h, "The LLM divergences"):
+//                   the anchor t_a and reverse KL's anchored cross sum; JSD and TVD take a
+//                   pass between the statistics and the gradient for the loss and W (from
+//                   the shared-memory copy of the row when the plan caches it: no more reads
+//                   of HBM than forward KL).
+
+// exp((m_old - m_new)/T), with nothing seen yet (-inf) weighing 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t rescale(acc_t m_old, acc_t m_new, acc_t k) {
+  return m_old == neg_inf<acc_t>() ? acc_t(0) : exp2_((m_old - m_new) * k);
+}
+
+// The centre of a running maximum: the maximum, or 0 while nothing has been seen (-inf).
+template <typename acc_t>
+__device__ __forceinline__ acc_t centre(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
+// Forward KL's running statistics of (part of) a row: maxima of the raw logits, sums of
+// exp((x - M)/T), and the teacher-weighted gap sum of the centred logits, all relative to
+// the current maxima.
 template <typename acc_t>
 struct RowAccum {
   acc_t m_s, z_s, m_t, z_t, c;
 
   __device__ static RowAccum empty() { return {neg_inf<acc_t>(), 0, neg_inf<acc_t>(), 0, 0}; }
 
-  // exp((m_old - m_new)/T), with nothing seen yet (-inf) weighing 0.
-  __device__ static acc_t rescale(acc_t m_old, acc_t m_new, acc_t k) {
-    return m_old == neg_inf<acc_t>() ? acc_t(0) : exp2_((m_old - m_new) * k);
-  }
-
-  // The centre of a running maximum: the maximum, or 0 while nothing has been seen (-inf).
-  __device__ static acc_t centre(acc_t m) { return m == neg_inf<acc_t>() ? acc_t(0) : m; }
-
   // Adds n elements; excluded classes arrive as -inf in both (probability 0). c stays
   // centred on the running maxima (softmax_kl_recentre, csrc/softmax_kl_math.h).
-  template <int N>
-  __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, acc_t k, acc_t inv_T) {
+  template <int N, typename P>
+  __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, const P& p) {
     acc_t ms = m_s, mt = m_t;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -100,10 +118,10 @@ struct RowAccum {
       }
     }
     if (ms > m_s || mt > m_t) {
-      const acc_t ft = mt > m_t ? rescale(m_t, mt, k) : acc_t(1);
-      c = softmax_kl_recentre(c, z_t, centre(m_s), centre(m_t), centre(ms), centre(mt), inv_T, ft);
+      const acc_t ft = mt > m_t ? rescale(m_t, mt, p.k) : acc_t(1);
+      c = softmax_kl_recentre(c, z_t, centre(m_s), centre(m_t), centre(ms), centre(mt), p.inv_T, ft);
       z_t *= ft;
-      if (ms > m_s) z_s *= rescale(m_s, ms, k);
+      if (ms > m_s) z_s *= rescale(m_s, ms, p.k);
       m_s = ms;
       m_t = mt;
     }
@@ -111,63 +129,145 @@ struct RowAccum {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (i < n) {
-        z_s += exp2_((xs[i] - ref_s) * k);
-        const acc_t e_t = exp2_((xt[i] - ref_t) * k);
+        z_s += exp2_((xs[i] - ref_s) * p.k);
+        const acc_t e_t = exp2_((xt[i] - ref_t) * p.k);
         z_t += e_t;
         // classes of probability 0 add 0
-        if (e_t > acc_t(0)) c += e_t * ((xt[i] - ref_t) - (xs[i] - ref_s)) * inv_T;
+        if (e_t > acc_t(0)) c += e_t * ((xt[i] - ref_t) - (xs[i] - ref_s)) * p.inv_T;
       }
     }
   }
 
-  __device__ void merge(const RowAccum& o, acc_t k, acc_t inv_T) {
+  template <typename P>
+  __device__ void merge(const RowAccum& o, const P& p) {
     const acc_t ms = o.m_s > m_s ? o.m_s : m_s, mt = o.m_t > m_t ? o.m_t : m_t;
-    const acc_t fs = rescale(m_s, ms, k), fos = rescale(o.m_s, ms, k);
-    const acc_t ft = rescale(m_t, mt, k), fot = rescale(o.m_t, mt, k);
-    c = softmax_kl_recentre(c, z_t, centre(m_s), centre(m_t), centre(ms), centre(mt), inv_T, ft) +
-        softmax_kl_recentre(o.c, o.z_t, centre(o.m_s), centre(o.m_t), centre(ms), centre(mt), inv_T, fot);
+    const acc_t fs = rescale(m_s, ms, p.k), fos = rescale(o.m_s, ms, p.k);
+    const acc_t ft = rescale(m_t, mt, p.k), fot = rescale(o.m_t, mt, p.k);
+    c = softmax_kl_recentre(c, z_t, centre(m_s), centre(m_t), centre(ms), centre(mt), p.inv_T, ft) +
+        softmax_kl_recentre(o.c, o.z_t, centre(o.m_s), centre(o.m_t), centre(ms), centre(mt), p.inv_T, fot);
     z_s = z_s * fs + o.z_s * fos;
     z_t = z_t * ft + o.z_t * fot;
     m_s = ms;
     m_t = mt;
   }
 
-  __device__ void shfl_merge(int offset, acc_t k, acc_t inv_T) {
+  template <typename P>
+  __device__ void shfl_merge(int offset, const P& p) {
     RowAccum o;
     o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
     o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
     o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
     o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
     o.c = __shfl_xor_sync(0xffffffff, c, offset);
-    merge(o, k, inv_T);
+    merge(o, p);
   }
 };
 
-// Merges every thread's statistics (RowAccum, DivAccum: their shfl_merge takes `args`);
-// the result is valid in thread 0.
-template <typename Accum, typename... Args>
-__device__ Accum block_merge(Accum r, Args... args) {
+// The LLM divergences' running statistics: maxima, sums of exp((x - M)/T), t_a (the
+// teacher's logit at the student's running argmax, the anchor) and, for reverse KL, the
+// anchored cross sum c = sum e^ys ((s - s_a) - (t - t_a))/T (reverse_kl_recentre when the
+// anchor moves).
+template <typename acc_t>
+struct DivAccum {
+  acc_t m_s, z_s, m_t, z_t, t_a, c;
+
+  __device__ static DivAccum empty() { return {neg_inf<acc_t>(), 0, neg_inf<acc_t>(), 0, 0, 0}; }
+
+  template <int N, typename P>
+  __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, const P& p) {
+    const bool rkl = p.div == Divergence::ReverseKL;
+    acc_t ms = m_s, mt = m_t, ta = t_a;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        if (xs[i] > ms) {  // NaN never becomes the max; it reaches the sums below
+          ms = xs[i];
+          ta = xt[i];
+        }
+        mt = xt[i] > mt ? xt[i] : mt;
+      }
+    }
+    if (ms > m_s) {
+      const acc_t f = rescale(m_s, ms, p.k);
+      if (rkl) c = reverse_kl_recentre(c, z_s, centre(m_s), t_a, ms, ta, p.inv_T, f);
+      z_s *= f;
+      m_s = ms;
+      t_a = ta;
+    }
+    if (mt > m_t) {
+      z_t *= rescale(m_t, mt, p.k);
+      m_t = mt;
+    }
+    const acc_t ref_s = centre(m_s), ref_t = centre(m_t);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i < n) {
+        const acc_t e_s = exp2_((xs[i] - ref_s) * p.k);
+        z_s += e_s;
+        z_t += exp2_((xt[i] - ref_t) * p.k);
+        if (rkl && e_s > acc_t(0)) c += e_s * ((xs[i] - ref_s) - (xt[i] - t_a)) * p.inv_T;
+      }
+    }
+  }
+
+  template <typename P>
+  __device__ void merge(const DivAccum& o, const P& p) {
+    const bool theirs = o.m_s > m_s;  // the anchor: the larger student maximum (ties: ours)
+    const acc_t ms = theirs ? o.m_s : m_s, ta = theirs ? o.t_a : t_a;
+    const acc_t mt = o.m_t > m_t ? o.m_t : m_t;
+    const acc_t fs = rescale(m_s, ms, p.k), fos = rescale(o.m_s, ms, p.k);
+    if (p.div == Divergence::ReverseKL) {
+      c = reverse_kl_recentre(c, z_s, centre(m_s), t_a, centre(ms), ta, p.inv_T, fs) +
+          reverse_kl_recentre(o.c, o.z_s, centre(o.m_s), o.t_a, centre(ms), ta, p.inv_T, fos);
+    }
+    z_s = z_s * fs + o.z_s * fos;
+    z_t = z_t * rescale(m_t, mt, p.k) + o.z_t * rescale(o.m_t, mt, p.k);
+    m_s = ms;
+    m_t = mt;
+    t_a = ta;
+  }
+
+  template <typename P>
+  __device__ void shfl_merge(int offset, const P& p) {
+    DivAccum o;
+    o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
+    o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
+    o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
+    o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
+    o.t_a = __shfl_xor_sync(0xffffffff, t_a, offset);
+    o.c = __shfl_xor_sync(0xffffffff, c, offset);
+    merge(o, p);
+  }
+};
+
+// Merges every thread's statistics; the result is valid in thread 0.
+template <typename Accum, typename P>
+__device__ Accum block_merge(Accum r, const P& p) {
   __shared__ Accum warp_stats[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, args...);
+  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, p);
   if (lane == 0) warp_stats[warp] = r;
   __syncthreads();
   if (warp == 0) {
     r = lane < (blockDim.x + 31) / 32 ? warp_stats[lane] : Accum::empty();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, args...);
+    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, p);
   }
   __syncthreads();  // warp_stats may be reused by the caller's next row
   return r;
 }
 
-// What a row's gradient pass needs, computed by one thread and shared with the block.
+// What a row's loss and gradient passes need, computed by one thread and shared with the block.
 template <typename acc_t>
 struct RowFinish {
-  acc_t a, b, grad_g, m_s, m_t;
+  acc_t a, b;      // forward KL: grad = a e^ys - b e^yt; reverse KL: a e^ys (d - b);
+                   // JSD, TVD: a (w - q b), b = W
+  acc_t grad_g;    // DecoupledKD: the gradient at the target class
+  acc_t m_s, m_t;
+  acc_t t_a, inv_z_s, inv_z_t, log_ratio, h_a;  // the LLM divergences (log_ratio = log Z_s - log Z_t)
   int64_t g;       // target class excluded from the sums (DecoupledKD), or -1
-  int state;       // 0: normal, 1: ignored row (zeros), 2: invalid label (NaN)
+  int state;       // 0: normal, 1: ignored row (zeros), 2: NaN (invalid label, x/T overflows)
 };
 
 // Row status from the target: ignored, invalid DecoupledKD label, or the class to exclude.
@@ -190,33 +290,127 @@ __device__ RowFinish<acc_t> row_status(const Params<scalar_t, acc_t>& p, int64_t
   return f;
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ RowFinish<acc_t> finish(const Params<scalar_t, acc_t>& p, const RowAccum<acc_t>& r,
-                                   RowFinish<acc_t> f, const scalar_t* sr, const scalar_t* tr,
-                                   int64_t out, bool write_loss) {
-  SoftmaxKLRowStats<acc_t> st{r.m_s, r.z_s, r.m_t, r.z_t, r.c, acc_t(0), acc_t(0)};
-  if (f.g >= 0) {
-    st.s_g = static_cast<acc_t>(sr[f.g * p.s_sv]);
-    st.t_g = static_cast<acc_t>(tr[f.g * p.t_sv]);
-  }
-  const auto res = softmax_kl_finish_row<acc_t>(st, p.T, p.decoupled, p.alpha, p.beta,
-                                                static_cast<acc_t>(*p.scale));
-  if (write_loss) p.row_loss[out] = res.loss;
-  f.a = res.a;
-  f.b = res.b;
-  f.grad_g = res.grad_g;
-  f.m_s = r.m_s;
-  f.m_t = r.m_t;
-  return f;
-}
-
 template <typename acc_t>
-__device__ __forceinline__ acc_t grad_value(const RowFinish<acc_t>& f, acc_t xs, acc_t xt, int64_t j,
-                                            acc_t k) {
+struct CudaOps {  // divergence_terms' elementwise operations: exp as one exp2 (MUFU)
+  using V = acc_t;
+  static __host__ __device__ __forceinline__ V exp(V x) {
+    if constexpr (std::is_same_v<V, double>) {
+      return ::exp2(x * 1.4426950408889634);
+    } else {
+      return ::exp2f(x * 1.4426950408889634f);
+    }
+  }
+  static __host__ __device__ __forceinline__ V log(V x) { return ::log(x); }
+  static __host__ __device__ __forceinline__ V abs(V x) { return x < V(0) ? -x : x; }
+  static __host__ __device__ __forceinline__ V select(bool mask, V a, V b) { return mask ? a : b; }
+  static __host__ __device__ __forceinline__ V sign(V x) { return x > V(0) ? V(1) : (x < V(0) ? V(-1) : V(0)); }
+};
+
+struct ForwardKL {
+  template <typename acc_t>
+  using Accum = RowAccum<acc_t>;
+  static constexpr bool kLossPass = false;
+
+  // Thread 0: the row's loss (written when write_loss) and gradient constants.
+  template <typename scalar_t, typename acc_t>
+  __device__ static RowFinish<acc_t> finish(const Params<scalar_t, acc_t>& p, const RowAccum<acc_t>& r,
+                                            RowFinish<acc_t> f, const scalar_t* sr, const scalar_t* tr, int64_t out,
+                                            bool write_loss) {
+    SoftmaxKLRowStats<acc_t> st{r.m_s, r.z_s, r.m_t, r.z_t, r.c, acc_t(0), acc_t(0)};
+    if (f.g >= 0) {
+      st.s_g = static_cast<acc_t>(sr[f.g * p.s_sv]);
+      st.t_g = static_cast<acc_t>(tr[f.g * p.t_sv]);
+    }
+    const auto res = softmax_kl_finish_row<acc_t>(st, p.T, p.decoupled, p.alpha, p.beta,
+                                                  static_cast<acc_t>(*p.scale));
+    if (write_loss) p.row_loss[out] = res.loss;
+    f.a = res.a;
+    f.b = res.b;
+    f.grad_g = res.grad_g;
+    f.m_s = r.m_s;
+    f.m_t = r.m_t;
+    return f;
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static acc_t grad(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f, acc_t xs, acc_t xt,
+                               int64_t j) {
+    if (j == f.g) return f.grad_g;
+    return f.a * exp2_((xs - f.m_s) * p.k) - f.b * exp2_((xt - f.m_t) * p.k);
+  }
+};
+
+struct LLMDivergences {
+  template <typename acc_t>
+  using Accum = DivAccum<acc_t>;
+  static constexpr bool kLossPass = true;  // JSD, TVD (not reverse KL: needs_loss_pass)
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static bool needs_loss_pass(const Params<scalar_t, acc_t>& p) {
+    return p.div != Divergence::ReverseKL;
+  }
+
+  // Thread 0: the row's finish from its statistics; reverse KL writes its loss here.
+  template <typename scalar_t, typename acc_t>
+  __device__ static RowFinish<acc_t> finish(const Params<scalar_t, acc_t>& p, const DivAccum<acc_t>& r,
+                                            RowFinish<acc_t> f, const scalar_t*, const scalar_t*, int64_t out,
+                                            bool write_loss) {
+    f.m_s = r.m_s;
+    f.m_t = r.m_t;
+    f.t_a = r.t_a;
+    f.inv_z_s = acc_t(1) / r.z_s;
+    f.inv_z_t = acc_t(1) / r.z_t;
+    f.log_ratio = ::log(r.z_s) - ::log(r.z_t);
+    f.state = softmax_kl_overflows(r.m_s, p.inv_T) || softmax_kl_overflows(r.m_t, p.inv_T) ? 2 : 0;
+    const acc_t scale = static_cast<acc_t>(*p.scale);
+    if (p.div == Divergence::ReverseKL) {
+      const ReverseKLRow<acc_t> row = reverse_kl_finish_row<acc_t>(r.z_s, r.z_t, r.c, r.m_t, r.t_a, p.T, scale);
+      if (write_loss) p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN() : row.loss;
+      f.a = row.a;
+      f.b = row.b;
+    } else {
+      f.a = divergence_grad_scale(p.div, p.T) * scale;
+      const acc_t ls_a = -::log(r.z_s), lt_a = (r.t_a - r.m_t) * p.inv_T - ::log(r.z_t);
+      f.h_a = divergence_terms<CudaOps<acc_t>>(p.div, lt_a - ls_a, CudaOps<acc_t>::exp(ls_a),
+                                               CudaOps<acc_t>::exp(lt_a), p.jsd_beta, p.jsd_one_minus_beta)
+                  .h;
+    }
+    return f;
+  }
+
+  // JSD, TVD: a class's loss term and weight w from its logits.
+  template <typename scalar_t, typename acc_t>
+  __device__ static void class_share(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f, acc_t xs, acc_t xt,
+                                     acc_t& loss, acc_t& w, acc_t& ps) {
+    ps = exp2_((xs - f.m_s) * p.k) * f.inv_z_s;
+    const acc_t pt = exp2_((xt - f.m_t) * p.k) * f.inv_z_t;
+    const acc_t d = ((xt - f.m_t) - (xs - f.m_s)) * p.inv_T + f.log_ratio;  // log p - log q
+    const ClassTerms<acc_t> c =
+        divergence_terms<CudaOps<acc_t>>(p.div, d, ps, pt, p.jsd_beta, p.jsd_one_minus_beta);
+    loss = c.loss;
+    w = divergence_weight<CudaOps<acc_t>>(p.div, c, ps, f.h_a);
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static acc_t grad(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f, acc_t xs, acc_t xt,
+                               int64_t) {
+    if (p.div == Divergence::ReverseKL) {
+      const acc_t e_s = exp2_((xs - f.m_s) * p.k);
+      return e_s > acc_t(0) ? f.a * e_s * (((xs - f.m_s) - (xt - f.t_a)) * p.inv_T - f.b) : acc_t(0);
+    }
+    acc_t loss, w, ps;
+    class_share(p, f, xs, xt, loss, w, ps);
+    return f.a * (w - ps * f.b);
+  }
+};
+
+// A class's gradient; ignored rows get exact zeros (even for NaN input), NaN rows NaN.
+template <typename Family, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t grad_value(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f, acc_t xs,
+                                            acc_t xt, int64_t j) {
   if (f.state == 1) return acc_t(0);
   if (f.state == 2) return std::numeric_limits<acc_t>::quiet_NaN();
-  if (j == f.g) return f.grad_g;
-  return f.a * exp2_((xs - f.m_s) * k) - f.b * exp2_((xt - f.m_t) * k);
+  return Family::grad(p, f, xs, xt, j);
 }
 
 template <typename T, int N>
@@ -262,11 +456,13 @@ __device__ __forceinline__ void store_pack(scalar_t* ptr, int64_t j0, int n, con
 // The statistics pass of a block over classes [lo, hi) of a row, threads striding over
 // N-wide packs; with kCache the packs are also kept in shared memory (at j - lo). The
 // merged statistics are valid in thread 0.
-template <int N, bool kVec, bool kCache, typename scalar_t, typename acc_t>
-__device__ __forceinline__ RowAccum<acc_t> stats_pass(const Params<scalar_t, acc_t>& p, const scalar_t* sr,
-                                                      const scalar_t* tr, int64_t lo, int64_t hi, int64_t g,
-                                                      scalar_t* s_cache, scalar_t* t_cache) {
-  RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
+template <typename Family, int N, bool kVec, bool kCache, typename scalar_t, typename acc_t>
+__device__ __forceinline__ typename Family::template Accum<acc_t> stats_pass(const Params<scalar_t, acc_t>& p,
+                                                                             const scalar_t* sr, const scalar_t* tr,
+                                                                             int64_t lo, int64_t hi, int64_t g,
+                                                                             scalar_t* s_cache, scalar_t* t_cache) {
+  using Accum = typename Family::template Accum<acc_t>;
+  Accum acc = Accum::empty();
   for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
     const int n = static_cast<int>(imin(N, hi - j0));
     scalar_t rs[N], rt[N];
@@ -279,337 +475,9 @@ __device__ __forceinline__ RowAccum<acc_t> stats_pass(const Params<scalar_t, acc
     acc_t xs[N], xt[N];
     to_acc(rs, j0, n, g, xs);
     to_acc(rt, j0, n, g, xt);
-    acc.add(xs, xt, n, p.k, p.inv_T);
+    acc.add(xs, xt, n, p);
   }
-  return block_merge(acc, p.k, p.inv_T);
-}
-
-// The gradient pass of a block over classes [lo, hi): grad_j from the logits at
-// s_src[j - src_lo], t_src[j - src_lo] (the row itself, or the block's cache of it).
-template <int N, bool kVec, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void grad_pass(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f,
-                                          const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
-                                          scalar_t* gr, int64_t lo, int64_t hi) {
-  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
-    const int n = static_cast<int>(imin(N, hi - j0));
-    scalar_t rs[N], rt[N];
-    load_pack<N, kVec>(s_src, j0 - src_lo, n, rs);
-    load_pack<N, kVec>(t_src, j0 - src_lo, n, rt);
-    acc_t xs[N], xt[N];
-    to_acc(rs, j0, n, -1, xs);
-    to_acc(rt, j0, n, -1, xt);
-    scalar_t o[N];
-#pragma unroll
-    for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value(f, xs[q], xt[q], j0 + q, p.k));
-    store_pack<N, kVec>(gr, j0, n, o);
-  }
-}
-
-// Thread 0 of a row's (first) block: the loss of an ignored row (0) or of a row with an
-// invalid label (NaN).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void write_skipped_row(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& status,
-                                                  int64_t out) {
-  p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-}
-
-// Most threads a block of these kernels is launched with (softmax_kl_max_threads).
-template <typename acc_t>
-constexpr int max_block_threads() {
-  return sizeof(acc_t) == 8 ? 512 : 1024;
-}
-
-// One block per row; classes contiguous. kCache: the row stays in shared memory between
-// the statistics pass and the gradient pass.
-template <typename scalar_t, typename acc_t, bool kVec, bool kCache>
-__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1) softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
-  constexpr int N = kVec ? 16 / sizeof(scalar_t) : 1;
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
-  scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
-  scalar_t* t_cache = s_cache + (kCache ? p.V : 0);
-  __shared__ RowFinish<acc_t> shared_finish;
-
-  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
-    const int64_t a = r / p.I, i = r % p.I;
-    const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
-    const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
-    const int64_t out = a * p.r_sa + i * p.r_si;
-    const RowFinish<acc_t> status = row_status(p, out);
-    if (status.state == 0) {
-      const RowAccum<acc_t> acc = stats_pass<N, kVec, kCache>(p, sr, tr, 0, p.V, status.g, s_cache, t_cache);
-      if (threadIdx.x == 0) shared_finish = finish(p, acc, status, sr, tr, out, true);
-    } else if (threadIdx.x == 0) {
-      write_skipped_row(p, status, out);
-      shared_finish = status;
-    }
-    __syncthreads();
-    const RowFinish<acc_t> f = shared_finish;
-    if (p.grad != nullptr) {
-      grad_pass<N, kVec>(p, f, kCache ? s_cache : sr, kCache ? t_cache : tr, 0, p.grad + a * p.g_sa + i * p.g_si, 0,
-                         p.V);
-    }
-    __syncthreads();  // shared_finish and the cache are rewritten by the next row
-  }
-}
-
-// sm_90: a row split over a cluster of `cluster` blocks, each caching a slice of `slice`
-// classes (a multiple of the vector width) in shared memory; the blocks merge their
-// statistics through distributed shared memory.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
-    softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  constexpr int N = 16 / sizeof(scalar_t);
-  cg::cluster_group cluster = cg::this_cluster();
-  const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
-  scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
-  scalar_t* t_cache = s_cache + slice;
-  __shared__ RowAccum<acc_t> block_stats;  // read by the other blocks of the cluster
-  __shared__ RowFinish<acc_t> shared_finish;
-
-  const int64_t r = blockIdx.x / blocks;
-  const int64_t a = r / p.I, i = r % p.I;
-  const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
-  const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
-  const int64_t out = a * p.r_sa + i * p.r_si;
-  const int64_t lo = rank * slice, hi = imin(p.V, lo + slice);
-  const RowFinish<acc_t> status = row_status(p, out);  // uniform over the cluster
-  if (status.state == 0) {
-    const RowAccum<acc_t> acc = stats_pass<N, true, true>(p, sr, tr, lo, hi, status.g, s_cache, t_cache);
-    if (threadIdx.x == 0) block_stats = acc;
-    cluster.sync();  // every block's statistics are visible to the cluster
-    if (threadIdx.x == 0) {
-      RowAccum<acc_t> total = RowAccum<acc_t>::empty();
-      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p.k, p.inv_T);
-      shared_finish = finish(p, total, status, sr, tr, out, rank == 0);
-    }
-    cluster.sync();  // no block leaves while another may still read its statistics
-  } else if (threadIdx.x == 0) {
-    if (rank == 0) write_skipped_row(p, status, out);
-    shared_finish = status;
-  }
-  __syncthreads();
-  const RowFinish<acc_t> f = shared_finish;
-  if (p.grad != nullptr) grad_pass<N, true>(p, f, s_cache, t_cache, lo, p.grad + a * p.g_sa + i * p.g_si, lo, hi);
-#endif
-}
-
-constexpr int kColumnsThreads = 256;
-
-// One thread per row; neighbouring threads take neighbouring rows (stride_i == 1).
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kColumnsThreads) softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.rows;
-       r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t a = r / p.I, i = r % p.I;
-    const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
-    const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
-    const int64_t out = a * p.r_sa + i * p.r_si;
-    RowFinish<acc_t> f = row_status(p, out);
-    if (f.state == 0) {
-      RowAccum<acc_t> acc = RowAccum<acc_t>::empty();
-      for (int64_t j = 0; j < p.V; ++j) {
-        acc_t xs[1] = {static_cast<acc_t>(sr[j * p.s_sv])}, xt[1] = {static_cast<acc_t>(tr[j * p.t_sv])};
-        if (j == f.g) xs[0] = xt[0] = neg_inf<acc_t>();
-        acc.add(xs, xt, 1, p.k, p.inv_T);
-      }
-      f = finish(p, acc, f, sr, tr, out, true);
-    } else {
-      write_skipped_row(p, f, out);
-    }
-    if (p.grad == nullptr) continue;
-    scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
-    for (int64_t j = 0; j < p.V; ++j) {
-      const acc_t xs = static_cast<acc_t>(sr[j * p.s_sv]), xt = static_cast<acc_t>(tr[j * p.t_sv]);
-      gr[j * p.g_sv] = static_cast<scalar_t>(grad_value(f, xs, xt, j, p.k));
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Reverse KL, JSD and TVD (csrc/softmax_kl_math.h, "The LLM divergences"): the same three
-// kernels (rows, cluster, columns) and launch plan as forward KL, with their own running
-// statistics (DivAccum), finish (DivFinish) and, for JSD and TVD, a pass between the
-// statistics and the gradient for the loss and W (from the shared-memory copy of the row
-// when the plan caches it: no more reads of HBM than forward KL).
-
-template <typename acc_t>
-struct CudaOps {  // divergence_terms' elementwise operations: exp as one exp2 (MUFU)
-  using V = acc_t;
-  static __host__ __device__ __forceinline__ V exp(V x) {
-    if constexpr (std::is_same_v<V, double>) {
-      return ::exp2(x * 1.4426950408889634);
-    } else {
-      return ::exp2f(x * 1.4426950408889634f);
-    }
-  }
-  static __host__ __device__ __forceinline__ V log(V x) { return ::log(x); }
-  static __host__ __device__ __forceinline__ V abs(V x) { return x < V(0) ? -x : x; }
-  static __host__ __device__ __forceinline__ V select(bool mask, V a, V b) { return mask ? a : b; }
-  static __host__ __device__ __forceinline__ V sign(V x) { return x > V(0) ? V(1) : (x < V(0) ? V(-1) : V(0)); }
-};
-
-// Running statistics: maxima, sums of exp((x - M)/T), t_a (the teacher's logit at the
-// student's running argmax, the anchor) and, for reverse KL, the anchored cross sum
-// c = sum e^ys ((s - s_a) - (t - t_a))/T (reverse_kl_recentre when the anchor moves).
-template <typename acc_t>
-struct DivAccum {
-  acc_t m_s, z_s, m_t, z_t, t_a, c;
-
-  __device__ static DivAccum empty() { return {neg_inf<acc_t>(), 0, neg_inf<acc_t>(), 0, 0, 0}; }
-  __device__ static acc_t centre(acc_t m) { return m == neg_inf<acc_t>() ? acc_t(0) : m; }
-
-  template <int N>
-  __device__ void add(const acc_t (&xs)[N], const acc_t (&xt)[N], int n, acc_t k, acc_t inv_T, bool rkl) {
-    acc_t ms = m_s, mt = m_t, ta = t_a;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i < n) {
-        if (xs[i] > ms) {  // NaN never becomes the max; it reaches the sums below
-          ms = xs[i];
-          ta = xt[i];
-        }
-        mt = xt[i] > mt ? xt[i] : mt;
-      }
-    }
-    if (ms > m_s) {
-      const acc_t f = RowAccum<acc_t>::rescale(m_s, ms, k);
-      if (rkl) c = reverse_kl_recentre(c, z_s, centre(m_s), t_a, ms, ta, inv_T, f);
-      z_s *= f;
-      m_s = ms;
-      t_a = ta;
-    }
-    if (mt > m_t) {
-      z_t *= RowAccum<acc_t>::rescale(m_t, mt, k);
-      m_t = mt;
-    }
-    const acc_t ref_s = centre(m_s), ref_t = centre(m_t);
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i < n) {
-        const acc_t e_s = exp2_((xs[i] - ref_s) * k);
-        z_s += e_s;
-        z_t += exp2_((xt[i] - ref_t) * k);
-        if (rkl && e_s > acc_t(0)) c += e_s * ((xs[i] - ref_s) - (xt[i] - t_a)) * inv_T;
-      }
-    }
-  }
-
-  __device__ void merge(const DivAccum& o, acc_t k, acc_t inv_T, bool rkl) {
-    const bool theirs = o.m_s > m_s;  // the anchor: the larger student maximum (ties: ours)
-    const acc_t ms = theirs ? o.m_s : m_s, ta = theirs ? o.t_a : t_a;
-    const acc_t mt = o.m_t > m_t ? o.m_t : m_t;
-    const acc_t fs = RowAccum<acc_t>::rescale(m_s, ms, k), fos = RowAccum<acc_t>::rescale(o.m_s, ms, k);
-    if (rkl) {
-      c = reverse_kl_recentre(c, z_s, centre(m_s), t_a, centre(ms), ta, inv_T, fs) +
-          reverse_kl_recentre(o.c, o.z_s, centre(o.m_s), o.t_a, centre(ms), ta, inv_T, fos);
-    }
-    z_s = z_s * fs + o.z_s * fos;
-    z_t = z_t * RowAccum<acc_t>::rescale(m_t, mt, k) + o.z_t * RowAccum<acc_t>::rescale(o.m_t, mt, k);
-    m_s = ms;
-    m_t = mt;
-    t_a = ta;
-  }
-
-  __device__ void shfl_merge(int offset, acc_t k, acc_t inv_T, bool rkl) {
-    DivAccum o;
-    o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
-    o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
-    o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
-    o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
-    o.t_a = __shfl_xor_sync(0xffffffff, t_a, offset);
-    o.c = __shfl_xor_sync(0xffffffff, c, offset);
-    merge(o, k, inv_T, rkl);
-  }
-};
-
-// What the loss and gradient passes need, computed by one thread and shared with the block.
-template <typename acc_t>
-struct DivFinish {
-  acc_t m_s, m_t, t_a, inv_z_s, inv_z_t, log_ratio;  // log_ratio = log Z_s - log Z_t
-  acc_t a, b;   // reverse KL: grad = a e^ys (d - b); JSD, TVD: grad = a (w - q b), b = W
-  acc_t h_a;    // h at the anchor (JSD, TVD)
-  int state;    // 0: normal, 1: ignored row (zeros), 2: NaN (x/T overflows)
-};
-
-// Thread 0: the row's finish from its statistics; reverse KL writes its loss here.
-template <typename scalar_t, typename acc_t>
-__device__ DivFinish<acc_t> div_finish(const Params<scalar_t, acc_t>& p, const DivAccum<acc_t>& r, int64_t out,
-                                       bool write_loss) {
-  DivFinish<acc_t> f{};
-  f.m_s = r.m_s;
-  f.m_t = r.m_t;
-  f.t_a = r.t_a;
-  f.inv_z_s = acc_t(1) / r.z_s;
-  f.inv_z_t = acc_t(1) / r.z_t;
-  f.log_ratio = ::log(r.z_s) - ::log(r.z_t);
-  f.state = softmax_kl_overflows(r.m_s, p.inv_T) || softmax_kl_overflows(r.m_t, p.inv_T) ? 2 : 0;
-  const acc_t scale = static_cast<acc_t>(*p.scale);
-  if (p.div == Divergence::ReverseKL) {
-    const ReverseKLRow<acc_t> row = reverse_kl_finish_row<acc_t>(r.z_s, r.z_t, r.c, r.m_t, r.t_a, p.T, scale);
-    if (write_loss) p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN() : row.loss;
-    f.a = row.a;
-    f.b = row.b;
-  } else {
-    f.a = divergence_grad_scale(p.div, p.T) * scale;
-    const acc_t ls_a = -::log(r.z_s), lt_a = (r.t_a - r.m_t) * p.inv_T - ::log(r.z_t);
-    f.h_a = divergence_terms<CudaOps<acc_t>>(p.div, lt_a - ls_a, CudaOps<acc_t>::exp(ls_a), CudaOps<acc_t>::exp(lt_a),
-                                             p.jsd_beta, p.jsd_one_minus_beta)
-                .h;
-  }
-  return f;
-}
-
-// A class's loss term and weight w (JSD, TVD) from its logits.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void div_class(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f, acc_t xs,
-                                          acc_t xt, acc_t& loss, acc_t& w, acc_t& ps) {
-  ps = exp2_((xs - f.m_s) * p.k) * f.inv_z_s;
-  const acc_t pt = exp2_((xt - f.m_t) * p.k) * f.inv_z_t;
-  const acc_t d = ((xt - f.m_t) - (xs - f.m_s)) * p.inv_T + f.log_ratio;  // log p - log q
-  const ClassTerms<acc_t> c =
-      divergence_terms<CudaOps<acc_t>>(p.div, d, ps, pt, p.jsd_beta, p.jsd_one_minus_beta);
-  loss = c.loss;
-  w = divergence_weight<CudaOps<acc_t>>(p.div, c, ps, f.h_a);
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t div_grad_value(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f, acc_t xs,
-                                                acc_t xt) {
-  if (f.state == 1) return acc_t(0);
-  if (f.state == 2) return std::numeric_limits<acc_t>::quiet_NaN();
-  if (p.div == Divergence::ReverseKL) {
-    const acc_t e_s = exp2_((xs - f.m_s) * p.k);
-    return e_s > acc_t(0) ? f.a * e_s * (((xs - f.m_s) - (xt - f.t_a)) * p.inv_T - f.b) : acc_t(0);
-  }
-  acc_t loss, w, ps;
-  div_class(p, f, xs, xt, loss, w, ps);
-  return f.a * (w - ps * f.b);
-}
-
-template <int N, bool kVec, bool kCache, typename scalar_t, typename acc_t>
-__device__ __forceinline__ DivAccum<acc_t> div_stats_pass(const Params<scalar_t, acc_t>& p, const scalar_t* sr,
-                                                          const scalar_t* tr, int64_t lo, int64_t hi,
-                                                          scalar_t* s_cache, scalar_t* t_cache) {
-  const bool rkl = p.div == Divergence::ReverseKL;
-  DivAccum<acc_t> acc = DivAccum<acc_t>::empty();
-  for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
-    const int n = static_cast<int>(imin(N, hi - j0));
-    scalar_t rs[N], rt[N];
-    load_pack<N, kVec>(sr, j0, n, rs);
-    load_pack<N, kVec>(tr, j0, n, rt);
-    if (kCache) {
-      store_pack<N, kVec>(s_cache, j0 - lo, n, rs);
-      store_pack<N, kVec>(t_cache, j0 - lo, n, rt);
-    }
-    acc_t xs[N], xt[N];
-    to_acc(rs, j0, n, -1, xs);
-    to_acc(rt, j0, n, -1, xt);
-    acc.add(xs, xt, n, p.k, p.inv_T, rkl);
-  }
-  return block_merge(acc, p.k, p.inv_T, rkl);
+  return block_merge(acc, p);
 }
 
 // The sum of a pair over the block (valid in thread 0).
@@ -642,9 +510,9 @@ __device__ void block_sum2(acc_t& x, acc_t& y) {
 // JSD and TVD: the block's share of the loss and of W over classes [lo, hi), from
 // s_src[j - src_lo], t_src[j - src_lo]; block-summed (valid in thread 0).
 template <int N, bool kVec, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void div_loss_pass(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f,
-                                              const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
-                                              int64_t lo, int64_t hi, acc_t& loss, acc_t& total_w) {
+__device__ __forceinline__ void loss_pass(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f,
+                                          const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo, int64_t lo,
+                                          int64_t hi, acc_t& loss, acc_t& total_w) {
   loss = total_w = acc_t(0);
   for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
     const int n = static_cast<int>(imin(N, hi - j0));
@@ -655,7 +523,7 @@ __device__ __forceinline__ void div_loss_pass(const Params<scalar_t, acc_t>& p, 
     for (int q = 0; q < N; ++q) {
       if (q < n) {
         acc_t l, w, ps;
-        div_class(p, f, static_cast<acc_t>(rs[q]), static_cast<acc_t>(rt[q]), l, w, ps);
+        LLMDivergences::class_share(p, f, static_cast<acc_t>(rs[q]), static_cast<acc_t>(rt[q]), l, w, ps);
         loss += l;
         total_w += w;
       }
@@ -664,39 +532,58 @@ __device__ __forceinline__ void div_loss_pass(const Params<scalar_t, acc_t>& p, 
   block_sum2(loss, total_w);
 }
 
-template <int N, bool kVec, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void div_grad_pass(const Params<scalar_t, acc_t>& p, const DivFinish<acc_t>& f,
-                                              const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
-                                              scalar_t* gr, int64_t lo, int64_t hi) {
+// The gradient pass of a block over classes [lo, hi): grad_j from the logits at
+// s_src[j - src_lo], t_src[j - src_lo] (the row itself, or the block's cache of it).
+template <typename Family, int N, bool kVec, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void grad_pass(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f,
+                                          const scalar_t* s_src, const scalar_t* t_src, int64_t src_lo,
+                                          scalar_t* gr, int64_t lo, int64_t hi) {
   for (int64_t j0 = lo + int64_t(threadIdx.x) * N; j0 < hi; j0 += int64_t(blockDim.x) * N) {
     const int n = static_cast<int>(imin(N, hi - j0));
     scalar_t rs[N], rt[N];
     load_pack<N, kVec>(s_src, j0 - src_lo, n, rs);
     load_pack<N, kVec>(t_src, j0 - src_lo, n, rt);
+    acc_t xs[N], xt[N];
+    to_acc(rs, j0, n, -1, xs);
+    to_acc(rt, j0, n, -1, xt);
     scalar_t o[N];
 #pragma unroll
-    for (int q = 0; q < N; ++q) {
-      o[q] = static_cast<scalar_t>(div_grad_value(p, f, static_cast<acc_t>(rs[q]), static_cast<acc_t>(rt[q])));
-    }
+    for (int q = 0; q < N; ++q) o[q] = static_cast<scalar_t>(grad_value<Family>(p, f, xs[q], xt[q], j0 + q));
     store_pack<N, kVec>(gr, j0, n, o);
   }
 }
 
-template <typename acc_t>
-__device__ __forceinline__ DivFinish<acc_t> div_skipped(int state) {
-  DivFinish<acc_t> f{};
-  f.state = state;
-  return f;
+// Thread 0 of a row's (first) block: the loss of an ignored row (0) or of a row with an
+// invalid label (NaN).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_skipped_row(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& status,
+                                                  int64_t out) {
+  p.row_loss[out] = status.state == 1 ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-template <typename scalar_t, typename acc_t, bool kVec, bool kCache>
-__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
-    softmax_divergence_rows_kernel(Params<scalar_t, acc_t> p) {
+// Thread 0: the loss of a row from the loss pass's sum (JSD, TVD).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_summed_loss(const Params<scalar_t, acc_t>& p, const RowFinish<acc_t>& f,
+                                                  acc_t loss, int64_t out) {
+  p.row_loss[out] =
+      f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN() : divergence_loss_scale(p.div, p.T) * loss;
+}
+
+// Most threads a block of these kernels is launched with (softmax_kl_max_threads).
+template <typename acc_t>
+constexpr int max_block_threads() {
+  return sizeof(acc_t) == 8 ? 512 : 1024;
+}
+
+// One block per row; classes contiguous. kCache: the row stays in shared memory between
+// the statistics pass and the later passes.
+template <typename Family, typename scalar_t, typename acc_t, bool kVec, bool kCache>
+__global__ void __launch_bounds__(max_block_threads<acc_t>(), 1) softmax_kl_rows_kernel(Params<scalar_t, acc_t> p) {
   constexpr int N = kVec ? 16 / sizeof(scalar_t) : 1;
   extern __shared__ __align__(16) unsigned char cache_bytes[];
   scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
   scalar_t* t_cache = s_cache + (kCache ? p.V : 0);
-  __shared__ DivFinish<acc_t> shared_finish;
+  __shared__ RowFinish<acc_t> shared_finish;
 
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const int64_t a = r / p.I, i = r % p.I;
@@ -707,44 +594,49 @@ __global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
     const int64_t out = a * p.r_sa + i * p.r_si;
     const RowFinish<acc_t> status = row_status(p, out);
     if (status.state == 0) {
-      const DivAccum<acc_t> acc = div_stats_pass<N, kVec, kCache>(p, sr, tr, 0, p.V, s_cache, t_cache);
-      if (threadIdx.x == 0) shared_finish = div_finish(p, acc, out, true);
-      __syncthreads();
-      if (p.div != Divergence::ReverseKL) {
-        const DivFinish<acc_t> f = shared_finish;
-        acc_t loss, total_w;
-        div_loss_pass<N, kVec>(p, f, s_src, t_src, 0, 0, p.V, loss, total_w);
-        if (threadIdx.x == 0) {
-          shared_finish.b = total_w;
-          p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN()
-                                         : divergence_loss_scale(p.div, p.T) * loss;
+      const auto acc = stats_pass<Family, N, kVec, kCache>(p, sr, tr, 0, p.V, status.g, s_cache, t_cache);
+      if (threadIdx.x == 0) shared_finish = Family::finish(p, acc, status, sr, tr, out, true);
+      if constexpr (Family::kLossPass) {
+        __syncthreads();
+        if (Family::needs_loss_pass(p)) {
+          const RowFinish<acc_t> f = shared_finish;
+          acc_t loss, total_w;
+          loss_pass<N, kVec>(p, f, s_src, t_src, 0, 0, p.V, loss, total_w);
+          if (threadIdx.x == 0) {
+            shared_finish.b = total_w;
+            write_summed_loss(p, f, loss, out);
+          }
         }
       }
     } else if (threadIdx.x == 0) {
-      p.row_loss[out] = acc_t(0);
-      shared_finish = div_skipped<acc_t>(1);
+      write_skipped_row(p, status, out);
+      shared_finish = status;
     }
     __syncthreads();
-    const DivFinish<acc_t> f = shared_finish;
-    if (p.grad != nullptr) div_grad_pass<N, kVec>(p, f, s_src, t_src, 0, p.grad + a * p.g_sa + i * p.g_si, 0, p.V);
+    const RowFinish<acc_t> f = shared_finish;
+    if (p.grad != nullptr) grad_pass<Family, N, kVec>(p, f, s_src, t_src, 0, p.grad + a * p.g_sa + i * p.g_si, 0, p.V);
     __syncthreads();  // shared_finish and the cache are rewritten by the next row
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// sm_90: a row split over a cluster of `cluster` blocks, each caching a slice of `slice`
+// classes (a multiple of the vector width) in shared memory; the blocks merge their
+// statistics (and JSD's, TVD's sums of the loss and W) through distributed shared memory.
+template <typename Family, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
-    softmax_divergence_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
+    softmax_kl_cluster_kernel(Params<scalar_t, acc_t> p, int64_t slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
+  using Accum = typename Family::template Accum<acc_t>;
   constexpr int N = 16 / sizeof(scalar_t);
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), blocks = cluster.num_blocks();
   extern __shared__ __align__(16) unsigned char cache_bytes[];
   scalar_t* s_cache = reinterpret_cast<scalar_t*>(cache_bytes);
   scalar_t* t_cache = s_cache + slice;
-  __shared__ DivAccum<acc_t> block_stats;  // read by the other blocks of the cluster
-  __shared__ acc_t block_sums[2];          // (loss, W), likewise
-  __shared__ DivFinish<acc_t> shared_finish;
+  __shared__ Accum block_stats;   // read by the other blocks of the cluster
+  __shared__ acc_t block_sums[2];  // (loss, W), likewise
+  __shared__ RowFinish<acc_t> shared_finish;
 
   const int64_t r = blockIdx.x / blocks;
   const int64_t a = r / p.I, i = r % p.I;
@@ -754,87 +646,93 @@ __global__ void __launch_bounds__(max_block_threads<acc_t>(), 1)
   const int64_t lo = rank * slice, hi = imin(p.V, lo + slice);
   const RowFinish<acc_t> status = row_status(p, out);  // uniform over the cluster
   if (status.state == 0) {
-    const bool rkl = p.div == Divergence::ReverseKL;
-    const DivAccum<acc_t> acc = div_stats_pass<N, true, true>(p, sr, tr, lo, hi, s_cache, t_cache);
+    const Accum acc = stats_pass<Family, N, true, true>(p, sr, tr, lo, hi, status.g, s_cache, t_cache);
     if (threadIdx.x == 0) block_stats = acc;
     cluster.sync();  // every block's statistics are visible to the cluster
     if (threadIdx.x == 0) {
-      DivAccum<acc_t> total = DivAccum<acc_t>::empty();
-      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p.k, p.inv_T, rkl);
-      shared_finish = div_finish(p, total, out, rank == 0);
+      Accum total = Accum::empty();
+      for (unsigned b = 0; b < blocks; ++b) total.merge(*cluster.map_shared_rank(&block_stats, b), p);
+      shared_finish = Family::finish(p, total, status, sr, tr, out, rank == 0);
     }
-    __syncthreads();
-    if (!rkl) {
-      const DivFinish<acc_t> f = shared_finish;
-      acc_t loss, total_w;
-      div_loss_pass<N, true>(p, f, s_cache, t_cache, lo, lo, hi, loss, total_w);
-      if (threadIdx.x == 0) {
-        block_sums[0] = loss;
-        block_sums[1] = total_w;
-      }
-      cluster.sync();
-      if (threadIdx.x == 0) {
-        acc_t row_loss = 0, row_w = 0;
-        for (unsigned b = 0; b < blocks; ++b) {
-          const acc_t* sums = cluster.map_shared_rank(block_sums, b);
-          row_loss += sums[0];
-          row_w += sums[1];
+    if constexpr (Family::kLossPass) {
+      __syncthreads();
+      if (Family::needs_loss_pass(p)) {
+        const RowFinish<acc_t> f = shared_finish;
+        acc_t loss, total_w;
+        loss_pass<N, true>(p, f, s_cache, t_cache, lo, lo, hi, loss, total_w);
+        if (threadIdx.x == 0) {
+          block_sums[0] = loss;
+          block_sums[1] = total_w;
         }
-        shared_finish.b = row_w;
-        if (rank == 0) {
-          p.row_loss[out] = f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN()
-                                         : divergence_loss_scale(p.div, p.T) * row_loss;
+        cluster.sync();
+        if (threadIdx.x == 0) {
+          acc_t row_loss = 0, row_w = 0;
+          for (unsigned b = 0; b < blocks; ++b) {
+            const acc_t* sums = cluster.map_shared_rank(block_sums, b);
+            row_loss += sums[0];
+            row_w += sums[1];
+          }
+          shared_finish.b = row_w;
+          if (rank == 0) write_summed_loss(p, f, row_loss, out);
         }
       }
     }
     cluster.sync();  // no block leaves while another may still read its shared memory
   } else if (threadIdx.x == 0) {
-    if (rank == 0) p.row_loss[out] = acc_t(0);
-    shared_finish = div_skipped<acc_t>(1);
+    if (rank == 0) write_skipped_row(p, status, out);
+    shared_finish = status;
   }
   __syncthreads();
-  const DivFinish<acc_t> f = shared_finish;
-  if (p.grad != nullptr) div_grad_pass<N, true>(p, f, s_cache, t_cache, lo, p.grad + a * p.g_sa + i * p.g_si, lo, hi);
+  const RowFinish<acc_t> f = shared_finish;
+  if (p.grad != nullptr) {
+    grad_pass<Family, N, true>(p, f, s_cache, t_cache, lo, p.grad + a * p.g_sa + i * p.g_si, lo, hi);
+  }
 #endif
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kColumnsThreads) softmax_divergence_columns_kernel(Params<scalar_t, acc_t> p) {
-  const bool rkl = p.div == Divergence::ReverseKL;
+constexpr int kColumnsThreads = 256;
+
+// One thread per row; neighbouring threads take neighbouring rows (stride_i == 1).
+template <typename Family, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kColumnsThreads) softmax_kl_columns_kernel(Params<scalar_t, acc_t> p) {
+  using Accum = typename Family::template Accum<acc_t>;
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.rows;
        r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t a = r / p.I, i = r % p.I;
     const scalar_t* sr = p.s + a * p.s_sa + i * p.s_si;
     const scalar_t* tr = p.t + a * p.t_sa + i * p.t_si;
     const int64_t out = a * p.r_sa + i * p.r_si;
-    DivFinish<acc_t> f = div_skipped<acc_t>(1);
-    if (row_status(p, out).state == 0) {
-      DivAccum<acc_t> acc = DivAccum<acc_t>::empty();
+    RowFinish<acc_t> f = row_status(p, out);
+    if (f.state == 0) {
+      Accum acc = Accum::empty();
       for (int64_t j = 0; j < p.V; ++j) {
-        const acc_t xs[1] = {static_cast<acc_t>(sr[j * p.s_sv])}, xt[1] = {static_cast<acc_t>(tr[j * p.t_sv])};
-        acc.add(xs, xt, 1, p.k, p.inv_T, rkl);
+        acc_t xs[1] = {static_cast<acc_t>(sr[j * p.s_sv])}, xt[1] = {static_cast<acc_t>(tr[j * p.t_sv])};
+        if (j == f.g) xs[0] = xt[0] = neg_inf<acc_t>();
+        acc.add(xs, xt, 1, p);
       }
-      f = div_finish(p, acc, out, true);
-      if (!rkl) {
-        acc_t loss = 0, total_w = 0;
-        for (int64_t j = 0; j < p.V; ++j) {
-          acc_t l, w, ps;
-          div_class(p, f, static_cast<acc_t>(sr[j * p.s_sv]), static_cast<acc_t>(tr[j * p.t_sv]), l, w, ps);
-          loss += l;
-          total_w += w;
+      f = Family::finish(p, acc, f, sr, tr, out, true);
+      if constexpr (Family::kLossPass) {
+        if (Family::needs_loss_pass(p)) {
+          acc_t loss = 0, total_w = 0;
+          for (int64_t j = 0; j < p.V; ++j) {
+            acc_t l, w, ps;
+            LLMDivergences::class_share(p, f, static_cast<acc_t>(sr[j * p.s_sv]), static_cast<acc_t>(tr[j * p.t_sv]),
+                                        l, w, ps);
+            loss += l;
+            total_w += w;
+          }
+          f.b = total_w;
+          write_summed_loss(p, f, loss, out);
         }
-        f.b = total_w;
-        p.row_loss[out] =
-            f.state == 2 ? std::numeric_limits<acc_t>::quiet_NaN() : divergence_loss_scale(p.div, p.T) * loss;
       }
     } else {
-      p.row_loss[out] = acc_t(0);
+      write_skipped_row(p, f, out);
     }
     if (p.grad == nullptr) continue;
     scalar_t* gr = p.grad + a * p.g_sa + i * p.g_si;
     for (int64_t j = 0; j < p.V; ++j) {
       const acc_t xs = static_cast<acc_t>(sr[j * p.s_sv]), xt = static_cast<acc_t>(tr[j * p.t_sv]);
-      gr[j * p.g_sv] = static_cast<scalar_t>(div_grad_value(p, f, xs, xt));
+      gr[j * p.g_sv] = static_cast<scalar_t>(grad_value<Family>(p, f, xs, xt, j));
     }
   }
 }
@@ -888,8 +786,7 @@ DeviceInfo device_info() {
   return info;
 }
 
-// The kernels of one family: forward KL and DecoupledKD (softmax_kl_*), or reverse KL,
-// JSD and TVD (softmax_divergence_*). Both share the launch plan and the launcher.
+// The kernels of one family (ForwardKL, LLMDivergences), for the launch plan and the launcher.
 template <typename scalar_t, typename acc_t>
 struct KernelFamily {
   void (*rows[2][2])(Params<scalar_t, acc_t>);  // [vec][cache]
@@ -924,27 +821,15 @@ bool vectorizable(const ClassDimView& sv, const ClassDimView& tv, const ClassDim
          (gv == nullptr || (fits(*gv) && aligned16(grad)));
 }
 
-template <typename scalar_t, typename acc_t>
-KernelFamily<scalar_t, acc_t> forward_family() {
+template <typename Family, typename scalar_t, typename acc_t>
+KernelFamily<scalar_t, acc_t> kernels_of() {
   KernelFamily<scalar_t, acc_t> f;
-  f.rows[0][0] = softmax_kl_rows_kernel<scalar_t, acc_t, false, false>;
-  f.rows[0][1] = softmax_kl_rows_kernel<scalar_t, acc_t, false, true>;
-  f.rows[1][0] = softmax_kl_rows_kernel<scalar_t, acc_t, true, false>;
-  f.rows[1][1] = softmax_kl_rows_kernel<scalar_t, acc_t, true, true>;
-  f.cluster = softmax_kl_cluster_kernel<scalar_t, acc_t>;
-  f.columns = softmax_kl_columns_kernel<scalar_t, acc_t>;
-  return f;
-}
-
-template <typename scalar_t, typename acc_t>
-KernelFamily<scalar_t, acc_t> divergence_family() {
-  KernelFamily<scalar_t, acc_t> f;
-  f.rows[0][0] = softmax_divergence_rows_kernel<scalar_t, acc_t, false, false>;
-  f.rows[0][1] = softmax_divergence_rows_kernel<scalar_t, acc_t, false, true>;
-  f.rows[1][0] = softmax_divergence_rows_kernel<scalar_t, acc_t, true, false>;
-  f.rows[1][1] = softmax_divergence_rows_kernel<scalar_t, acc_t, true, true>;
-  f.cluster = softmax_divergence_cluster_kernel<scalar_t, acc_t>;
-  f.columns = softmax_divergence_columns_kernel<scalar_t, acc_t>;
+  f.rows[0][0] = softmax_kl_rows_kernel<Family, scalar_t, acc_t, false, false>;
+  f.rows[0][1] = softmax_kl_rows_kernel<Family, scalar_t, acc_t, false, true>;
+  f.rows[1][0] = softmax_kl_rows_kernel<Family, scalar_t, acc_t, true, false>;
+  f.rows[1][1] = softmax_kl_rows_kernel<Family, scalar_t, acc_t, true, true>;
+  f.cluster = softmax_kl_cluster_kernel<Family, scalar_t, acc_t>;
+  f.columns = softmax_kl_columns_kernel<Family, scalar_t, acc_t>;
   return f;
 }
 
@@ -1061,7 +946,7 @@ std::string softmax_kl_path_cuda(const at::Tensor& s, const at::Tensor& t, int64
                                             t_copied ? nullptr : t.const_data_ptr(), nullptr);
     const DeviceInfo dev = device_info();
     const SoftmaxKLPlan plan = plan_softmax_kl_rows(sv.V, sizeof(scalar_t), sizeof(acc_t) == 8, vec,
-                                                    limits_for(dev, vec, forward_family<scalar_t, acc_t>()));
+                                                    limits_for(dev, vec, kernels_of<ForwardKL, scalar_t, acc_t>()));
     name = softmax_kl_path_name(plan, vec);
   });
   return name;
@@ -1086,9 +971,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_cuda(const at::Tensor& s, const at
     using acc_t = at::opmath_type<scalar_t>;
     const Params<scalar_t, acc_t> params = make_params<scalar_t>(p, scale);
     if (p.divergence == Divergence::ForwardKL) {
-      launch(p, params, forward_family<scalar_t, acc_t>());
+      launch(p, params, kernels_of<ForwardKL, scalar_t, acc_t>());
     } else {
-      launch(p, params, divergence_family<scalar_t, acc_t>());
+      launch(p, params, kernels_of<LLMDivergences, scalar_t, acc_t>());
     }
   });
   return {p.row_loss, p.grad};
@@ -1173,14 +1058,14 @@ struct OnlineSum {
   acc_t m, z;
   __device__ void add(acc_t x, acc_t k2) {
     if (x > m) {
-      z *= RowAccum<acc_t>::rescale(m, x, k2);
+      z *= rescale(m, x, k2);
       m = x;
     }
     if (m != neg_inf<acc_t>()) z += exp2_((x - m) * k2);
   }
   __device__ void merge(const OnlineSum& o, acc_t k2) {
     const acc_t mm = o.m > m ? o.m : m;
-    z = z * RowAccum<acc_t>::rescale(m, mm, k2) + o.z * RowAccum<acc_t>::rescale(o.m, mm, k2);
+    z = z * rescale(m, mm, k2) + o.z * rescale(o.m, mm, k2);
     m = mm;
   }
 };
@@ -1271,7 +1156,7 @@ __global__ void __launch_bounds__(512) softmax_kl_topk_kernel(TopKParams<scalar_
     }
     z_k = block_sum(z_k);
     z_t = block_sum(z_t);
-    const acc_t z = z_k + tail.z * RowAccum<acc_t>::rescale(tail.m, ref, p.k2);
+    const acc_t z = z_k + tail.z * rescale(tail.m, ref, p.k2);
     const acc_t log_z = ::log(z);
     const acc_t log_z_t = p.renormalize ? ::log(z_t) : acc_t(0);  // bucket: logprobs are log p as stored
     const acc_t ref_tail = tail.m == neg_inf<acc_t>() ? acc_t(0) : tail.m;

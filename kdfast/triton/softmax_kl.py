@@ -1,9 +1,11 @@
-"""Fused temperature-softmax KL in Triton (math: csrc/softmax_kl_math.h).
+"""Fused temperature-softmax divergences in Triton (math: csrc/softmax_kl_math.h).
 
-One program takes BLOCK_R rows and walks their classes in tiles of BLOCK_V:
-pass 1 keeps an online max, sum of exponentials and teacher-weighted logit gap per row;
-the row's loss and gradient constants follow; pass 2 writes
-``grad_j = a·exp((s_j - M_s)/T) - b·exp((t_j - M_t)/T)``. Rows with contiguous classes run
+One kernel for every divergence of a dense teacher: a program takes BLOCK_R rows and walks
+their classes in tiles of BLOCK_V: pass 1 keeps an online max and sum of exponentials per
+row and side, with the divergence's cross sum (forward KL: the teacher-weighted logit gap;
+reverse KL: the student-weighted gap to the anchor); the row's loss and gradient constants
+follow (JSD and TVD after one more pass for the loss and W); the last pass writes the
+gradient, e.g. ``grad_j = a·exp((s_j - M_s)/T) - b·exp((t_j - M_t)/T)`` for forward KL. Rows with contiguous classes run
 one row per program with wide tiles; rows that are contiguous with each other (the class
 dim strided, e.g. [B, C, H, W] with dim=1) run 64 rows per program, coalesced across rows.
 """
@@ -39,134 +41,6 @@ def _xlogy(x, log_y):
     return tl.where(x == 0.0, 0.0, x * log_y)
 
 
-# The row count is not specialised (fewer compiled variants). Sizes and strides are: a
-# stride of 1 makes loads contiguous, I == 1 drops the inner index, and V and the row
-# strides divisible by 16 let rows load in 16-byte vectors.
-@triton.jit(do_not_specialize=["n_rows", "ignore_index"])
-def _softmax_kl_kernel(
-    s_ptr, t_ptr, grad_ptr, target_ptr, loss_ptr, scale_ptr,
-    n_rows, V, I,
-    s_sa, s_sv, s_si, t_sa, t_sv, t_si, g_sa, g_sv, g_si,
-    T_hi, T_lo, alpha_hi, alpha_lo, beta_hi, beta_lo, ignore_index,
-    HAS_TARGET: tl.constexpr, DECOUPLED: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < n_rows
-    a_idx = rows // I
-    i_idx = rows % I
-    s_row = a_idx * s_sa + i_idx * s_si
-    t_row = a_idx * t_sa + i_idx * t_si
-    T = join_halves(T_hi, T_lo, ACC)  # float args are fp32 on a GPU: two halves keep fp64
-    alpha = join_halves(alpha_hi, alpha_lo, ACC)
-    beta = join_halves(beta_hi, beta_lo, ACC)
-    inv_T = 1.0 / T
-    neg_inf = float("-inf")
-
-    if HAS_TARGET:
-        label = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-        ignored = label == ignore_index
-    else:
-        label = tl.zeros([BLOCK_R], dtype=tl.int64)
-        ignored = rows < 0
-    # DecoupledKD's target class, excluded from the sums; a label outside [0, V) gets a NaN
-    # loss (and is not read out of bounds).
-    bad_label = DECOUPLED & ~ignored & ((label < 0) | (label >= V))
-    g = tl.where(ignored | bad_label, -1, label)
-
-    m_s = tl.full([BLOCK_R], neg_inf, ACC)
-    m_t = tl.full([BLOCK_R], neg_inf, ACC)
-    z_s = tl.zeros([BLOCK_R], ACC)
-    z_t = tl.zeros([BLOCK_R], ACC)
-    cross = tl.zeros([BLOCK_R], ACC)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # cols * stride may pass 2^31
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=neg_inf).to(ACC)
-        xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=neg_inf).to(ACC)
-        if DECOUPLED:
-            excluded = cols[None, :] == g[:, None]
-            xs = tl.where(excluded, neg_inf, xs)
-            xt = tl.where(excluded, neg_inf, xt)
-        new_m_s = tl.maximum(m_s, tl.max(xs, axis=1))
-        new_m_t = tl.maximum(m_t, tl.max(xt, axis=1))
-        # A max that is still -inf (nothing seen yet) is replaced by 0: exp(-inf - 0) = 0.
-        ref_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
-        ref_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
-        e_s = tl.exp((xs - ref_s[:, None]) * inv_T)
-        e_t = tl.exp((xt - ref_t[:, None]) * inv_T)
-        rescale_t = tl.exp((m_t - ref_t) * inv_T)
-        # cross stays centred on the running maxima (softmax_kl_recentre in csrc/softmax_kl_math.h)
-        old_ref_s = tl.where(m_s == neg_inf, 0.0, m_s)
-        old_ref_t = tl.where(m_t == neg_inf, 0.0, m_t)
-        shift = ((ref_t - old_ref_t) - (ref_s - old_ref_s)) * inv_T
-        cross = tl.where(z_t == 0.0, cross, cross - z_t * shift) * rescale_t
-        gap = tl.where(e_t > 0.0, e_t * (((xt - ref_t[:, None]) - (xs - ref_s[:, None])) * inv_T), 0.0)
-        cross += tl.sum(gap, axis=1)
-        z_s = z_s * tl.exp((m_s - ref_s) * inv_T) + tl.sum(e_s, axis=1)
-        z_t = z_t * rescale_t + tl.sum(e_t, axis=1)
-        m_s = new_m_s
-        m_t = new_m_t
-
-    # Row loss and gradient constants (softmax_kl_finish_row in csrc/softmax_kl_math.h).
-    scale = tl.load(scale_ptr).to(ACC)
-    log_z_s = tl.log(z_s)
-    log_z_t = tl.log(z_t)
-    kl = cross / z_t + log_z_s - log_z_t
-    # x/T overflowing for a finite logit: no softmax, NaN (softmax_kl_overflows)
-    overflow = _overflows(m_s, inv_T) | _overflows(m_t, inv_T)
-    gs = T * scale
-    if DECOUPLED:
-        g_safe = tl.maximum(g, 0)
-        s_g = tl.load(s_ptr + s_row + g_safe * s_sv, mask=row_ok, other=0.0).to(ACC)
-        t_g = tl.load(t_ptr + t_row + g_safe * t_sv, mask=row_ok, other=0.0).to(ACC)
-        overflow = overflow | _overflows(s_g, inv_T) | _overflows(t_g, inv_T)
-        u_s = (s_g - m_s) * inv_T - log_z_s  # log(p_g / p_ng)
-        u_t = (t_g - m_t) * inv_T - log_z_t
-        log_p_g = -_softplus(-u_s)
-        log_p_ng = -_softplus(u_s)
-        log_q_g = -_softplus(-u_t)
-        log_q_ng = -_softplus(u_t)
-        p_g = tl.exp(log_p_g)
-        p_ng = tl.exp(log_p_ng)
-        q_g = tl.exp(log_q_g)
-        q_ng = tl.exp(log_q_ng)
-        eps = 1e-7
-        log_eps = math.log(1e-7)
-        tckd = (_xlogy(q_g, log_q_g) - q_g * tl.where(p_g >= eps, log_p_g, log_eps)
-                + _xlogy(q_ng, log_q_ng) - q_ng * tl.where(p_ng >= eps, log_p_ng, log_eps))
-        D = tl.where(p_g >= eps, -q_g * p_ng, 0.0) + tl.where(p_ng >= eps, q_ng * p_g, 0.0)
-        loss = T * T * (alpha * tckd + beta * kl)
-        coef_s = gs * (beta - alpha * D) / z_s
-        coef_t = gs * beta / z_t
-        grad_g = gs * alpha * D
-    else:
-        loss = T * T * kl
-        coef_s = gs / z_s
-        coef_t = gs / z_t
-        grad_g = tl.zeros([BLOCK_R], ACC)
-    loss = tl.where(bad_label | overflow, float("nan"), loss)
-    coef_s = tl.where(overflow, float("nan"), coef_s)
-    grad_g = tl.where(overflow, float("nan"), grad_g)
-    tl.store(loss_ptr + rows, tl.where(ignored, 0.0, loss), mask=row_ok)
-
-    if COMPUTE_GRAD:
-        g_row = a_idx * g_sa + i_idx * g_si
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # cols * stride may pass 2^31
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=0.0).to(ACC)
-            xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=0.0).to(ACC)
-            out = (coef_s[:, None] * tl.exp((xs - m_s[:, None]) * inv_T)
-                   - coef_t[:, None] * tl.exp((xt - m_t[:, None]) * inv_T))
-            if DECOUPLED:
-                out = tl.where(cols[None, :] == g[:, None], grad_g[:, None], out)
-            out = tl.where(ignored[:, None], 0.0, out)  # exact zeros, even for NaN input
-            tl.store(grad_ptr + g_row[:, None] + cols[None, :] * g_sv,
-                     out.to(grad_ptr.dtype.element_ty), mask=mask)
-
-
 def _as_avi(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x as [A, V, I] around its class dim (a view when the strides allow)."""
     A = math.prod(x.shape[:dim])
@@ -192,51 +66,9 @@ def kernel_path(s: torch.Tensor, dim: int) -> str:
     return "columns" if block_r > 1 else f"rows-{block_v}"
 
 
-@on_inputs_device
-def softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled, compute_grad,
-                      divergence="forward_kl", jsd_beta=0.5):
-    """Same contract as torch.ops.kdfast_C.softmax_kl: (row losses, gradient or empty)."""
-    if divergence != "forward_kl":
-        return _softmax_divergence_triton(s, t, target, scale, dim, T, ignore_index, divergence, jsd_beta,
-                                          compute_grad)
-    s3, t3 = _as_avi(s, dim), _as_avi(t, dim)
-    A, V, I = s3.shape
-    n_rows = A * I
-    rows_shape = s.shape[:dim] + s.shape[dim + 1:]
-    acc = acc_dtype(s.dtype)
-    row_loss = torch.empty(rows_shape, dtype=acc, device=s.device)
-    if compute_grad:
-        grad = torch.empty_like(s)
-        try:
-            g3 = grad.view(A, V, I)
-        except RuntimeError:
-            grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            g3 = grad.view(A, V, I)
-    else:
-        grad = s.new_empty(0)
-        g3 = s3
-    target_rows = target.reshape(-1) if target is not None else row_loss  # unused without a target
-    block_r, block_v, warps = _tiles(s3, s.element_size())
-    grid = (triton.cdiv(n_rows, block_r),)
-    _softmax_kl_kernel[grid](
-        s3, t3, g3, target_rows, row_loss, scale,
-        n_rows, V, I,
-        s3.stride(0), s3.stride(1), s3.stride(2),
-        t3.stride(0), t3.stride(1), t3.stride(2),
-        g3.stride(0), g3.stride(1), g3.stride(2),
-        *fp32_halves(T), *fp32_halves(alpha), *fp32_halves(beta), int(ignore_index),
-        HAS_TARGET=target is not None, DECOUPLED=decoupled, COMPUTE_GRAD=compute_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
-    )
-    return row_loss, grad
-
-
-# ---------------------------------------------------------------------------------------
-# Reverse KL, generalized JSD, TVD; sparse (top-k) teachers. The math, its derivation and
-# the pass structure are in csrc/softmax_kl_math.h ("The LLM divergences"); the helpers
-# below mirror its functions of the same names. DIVERGENCE: 0 forward KL, 1 reverse KL,
-# 2 JSD, 3 TVD (the C++ enum Divergence).
+# The divergences' math, its derivation and the pass structure are in csrc/softmax_kl_math.h
+# ("The LLM divergences"); the helpers below mirror its functions of the same names.
+# DIVERGENCE: 0 forward KL, 1 reverse KL, 2 JSD, 3 TVD (the C++ enum Divergence).
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 
@@ -279,16 +111,20 @@ def _divergence_weight(qh, h, ps, h_a, DIVERGENCE: tl.constexpr):
     return tl.where(ps > 0.0, ps * (h - h_a), 0.0)
 
 
+# The row count is not specialised (fewer compiled variants). Sizes and strides are: a
+# stride of 1 makes loads contiguous, I == 1 drops the inner index, and V and the row
+# strides divisible by 16 let rows load in 16-byte vectors.
 @triton.jit(do_not_specialize=["n_rows", "ignore_index"])
-def _softmax_divergence_kernel(
+def _softmax_kl_kernel(
     s_ptr, t_ptr, grad_ptr, target_ptr, loss_ptr, scale_ptr,
     n_rows, V, I,
     s_sa, s_sv, s_si, t_sa, t_sv, t_si, g_sa, g_sv, g_si,
-    T_hi, T_lo, beta_hi, beta_lo, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    T_hi, T_lo, alpha_hi, alpha_lo, beta_hi, beta_lo, jsd_beta_hi, jsd_beta_lo, ignore_index,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, DECOUPLED: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Dense reverse KL (2 passes), JSD and TVD (3 passes) over BLOCK_R rows a program."""
+    """BLOCK_R rows a program: forward KL and DecoupledKD, reverse KL (2 passes), JSD and
+    TVD (3 passes)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -297,19 +133,27 @@ def _softmax_divergence_kernel(
     s_row = a_idx * s_sa + i_idx * s_si
     t_row = a_idx * t_sa + i_idx * t_si
     T = join_halves(T_hi, T_lo, ACC)  # float args are fp32 on a GPU: two halves keep fp64
-    beta = join_halves(beta_hi, beta_lo, ACC)
+    beta = join_halves(jsd_beta_hi, jsd_beta_lo, ACC)
     inv_T = 1.0 / T
     neg_inf = float("-inf")
     if HAS_TARGET:
         label = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
         ignored = label == ignore_index
     else:
+        label = tl.zeros([BLOCK_R], dtype=tl.int64)
         ignored = rows < 0
+    # DecoupledKD's target class, excluded from the sums; a label outside [0, V) gets a NaN
+    # loss (and is not read out of bounds).
+    bad_label = DECOUPLED & ~ignored & ((label < 0) | (label >= V))
+    g = tl.where(ignored | bad_label, -1, label)
 
-    # Pass 1: online maxima and sums of exp(y), y = (x - M)/T centred on the running maxima,
-    # and t_a, the teacher's logit at the student's running argmax a (the anchor). Reverse KL
-    # also keeps cross = sum e^ys d, d_j = ((s_j - s_a) - (t_j - t_a))/T (reverse_kl_finish_row),
-    # re-centred when a moves: d shifts by -((s_a' - s_a) - (t_a' - t_a))/T and e^ys by f_s.
+    # Pass 1: online maxima and sums of exp(y), y = (x - M)/T centred on the running maxima
+    # (a max still -inf, nothing seen, centres on 0: exp(-inf - 0) = 0).
+    # Forward KL: cross = sum e^yt (yt - ys) (softmax_kl_recentre when a maximum moves).
+    # The others: t_a, the teacher's logit at the student's running argmax a (the anchor);
+    # reverse KL also cross = sum e^ys d, d_j = ((s_j - s_a) - (t_j - t_a))/T
+    # (reverse_kl_finish_row), re-centred when a moves: d shifts by
+    # -((s_a' - s_a) - (t_a' - t_a))/T and e^ys by f_s.
     m_s = tl.full([BLOCK_R], neg_inf, ACC)
     m_t = tl.full([BLOCK_R], neg_inf, ACC)
     t_a = tl.zeros([BLOCK_R], ACC)
@@ -317,37 +161,87 @@ def _softmax_divergence_kernel(
     z_t = tl.zeros([BLOCK_R], ACC)
     cross = tl.zeros([BLOCK_R], ACC)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # cols * stride may pass 2^31
         mask = row_ok[:, None] & (cols < V)[None, :]
         xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=neg_inf).to(ACC)
         xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=neg_inf).to(ACC)
+        if DECOUPLED:
+            excluded = cols[None, :] == g[:, None]
+            xs = tl.where(excluded, neg_inf, xs)
+            xt = tl.where(excluded, neg_inf, xt)
         tile_s = tl.max(xs, axis=1)
         new_s = tl.maximum(m_s, tile_s)
         new_t = tl.maximum(m_t, tl.max(xt, axis=1))
-        ref_s = tl.where(new_s == neg_inf, 0.0, new_s)  # a max still -inf (nothing seen) centres on 0
+        ref_s = tl.where(new_s == neg_inf, 0.0, new_s)
         ref_t = tl.where(new_t == neg_inf, 0.0, new_t)
         f_s = tl.exp((m_s - ref_s) * inv_T)  # 0 when nothing was seen (m = -inf)
+        f_t = tl.exp((m_t - ref_t) * inv_T)
         e_s = tl.exp((xs - ref_s[:, None]) * inv_T)
-        at_max = (xs == tile_s[:, None]) & mask
-        first = tl.min(tl.where(at_max, cols[None, :], V), axis=1)
-        new_t_a = tl.where(tile_s > m_s, tl.sum(tl.where(cols[None, :] == first[:, None], xt, 0.0), axis=1), t_a)
-        if DIVERGENCE == 1:
-            old_s = tl.where(m_s == neg_inf, 0.0, m_s)
-            shift = ((ref_s - old_s) - (new_t_a - t_a)) * inv_T
-            d = ((xs - ref_s[:, None]) - (xt - new_t_a[:, None])) * inv_T
-            cross = tl.where(z_s > 0.0, f_s * (cross - z_s * shift), 0.0)  # reverse_kl_recentre
-            cross += tl.sum(tl.where(e_s > 0.0, e_s * d, 0.0), axis=1)
-        t_a = new_t_a
+        e_t = tl.exp((xt - ref_t[:, None]) * inv_T)
+        old_s = tl.where(m_s == neg_inf, 0.0, m_s)
+        if DIVERGENCE == 0:
+            old_t = tl.where(m_t == neg_inf, 0.0, m_t)
+            shift = ((ref_t - old_t) - (ref_s - old_s)) * inv_T
+            cross = tl.where(z_t == 0.0, cross, cross - z_t * shift) * f_t
+            gap = tl.where(e_t > 0.0, e_t * (((xt - ref_t[:, None]) - (xs - ref_s[:, None])) * inv_T), 0.0)
+            cross += tl.sum(gap, axis=1)
+        else:
+            at_max = (xs == tile_s[:, None]) & mask
+            first = tl.min(tl.where(at_max, cols[None, :], V), axis=1)
+            new_t_a = tl.where(tile_s > m_s, tl.sum(tl.where(cols[None, :] == first[:, None], xt, 0.0), axis=1), t_a)
+            if DIVERGENCE == 1:
+                shift = ((ref_s - old_s) - (new_t_a - t_a)) * inv_T
+                d = ((xs - ref_s[:, None]) - (xt - new_t_a[:, None])) * inv_T
+                cross = tl.where(z_s > 0.0, f_s * (cross - z_s * shift), 0.0)  # reverse_kl_recentre
+                cross += tl.sum(tl.where(e_s > 0.0, e_s * d, 0.0), axis=1)
+            t_a = new_t_a
         z_s = z_s * f_s + tl.sum(e_s, axis=1)
-        z_t = z_t * tl.exp((m_t - ref_t) * inv_T) + tl.sum(tl.exp((xt - ref_t[:, None]) * inv_T), axis=1)
+        z_t = z_t * f_t + tl.sum(e_t, axis=1)
         m_s = new_s
         m_t = new_t
 
     scale = tl.load(scale_ptr).to(ACC)
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
+    # x/T overflowing for a finite logit: no softmax, NaN (softmax_kl_overflows)
     overflow = _overflows(m_s, inv_T) | _overflows(m_t, inv_T)
-    if DIVERGENCE == 1:  # reverse_kl_finish_row
+    h_a = tl.zeros([BLOCK_R], ACC)
+    grad_g = tl.zeros([BLOCK_R], ACC)
+    if DIVERGENCE == 0:  # softmax_kl_finish_row: grad = coef_a e^ys - coef_b e^yt
+        kl = cross / z_t + log_z_s - log_z_t
+        gs = T * scale
+        if DECOUPLED:
+            alpha = join_halves(alpha_hi, alpha_lo, ACC)
+            dkd_beta = join_halves(beta_hi, beta_lo, ACC)
+            g_safe = tl.maximum(g, 0)
+            s_g = tl.load(s_ptr + s_row + g_safe * s_sv, mask=row_ok, other=0.0).to(ACC)
+            t_g = tl.load(t_ptr + t_row + g_safe * t_sv, mask=row_ok, other=0.0).to(ACC)
+            overflow = overflow | _overflows(s_g, inv_T) | _overflows(t_g, inv_T)
+            u_s = (s_g - m_s) * inv_T - log_z_s  # log(p_g / p_ng)
+            u_t = (t_g - m_t) * inv_T - log_z_t
+            log_p_g = -_softplus(-u_s)
+            log_p_ng = -_softplus(u_s)
+            log_q_g = -_softplus(-u_t)
+            log_q_ng = -_softplus(u_t)
+            p_g = tl.exp(log_p_g)
+            p_ng = tl.exp(log_p_ng)
+            q_g = tl.exp(log_q_g)
+            q_ng = tl.exp(log_q_ng)
+            eps = 1e-7
+            log_eps = math.log(1e-7)
+            tckd = (_xlogy(q_g, log_q_g) - q_g * tl.where(p_g >= eps, log_p_g, log_eps)
+                    + _xlogy(q_ng, log_q_ng) - q_ng * tl.where(p_ng >= eps, log_p_ng, log_eps))
+            D = tl.where(p_g >= eps, -q_g * p_ng, 0.0) + tl.where(p_ng >= eps, q_ng * p_g, 0.0)
+            loss = T * T * (alpha * tckd + dkd_beta * kl)
+            coef_a = gs * (dkd_beta - alpha * D) / z_s
+            coef_b = gs * dkd_beta / z_t
+            grad_g = gs * alpha * D
+        else:
+            loss = T * T * kl
+            coef_a = gs / z_s
+            coef_b = gs / z_t
+        loss = tl.where(bad_label, float("nan"), loss)
+    elif DIVERGENCE == 1:  # reverse_kl_finish_row: grad = coef_a e^ys (d - coef_b)
         rkl = cross / z_s + (m_t - t_a) * inv_T + (log_z_t - log_z_s)
         # the teacher rules out a class with student mass (reverse_kl_finish_row)
         ruled_out = (t_a == neg_inf) | ((cross != cross) & (z_s == z_s) & (z_t == z_t))
@@ -355,12 +249,12 @@ def _softmax_divergence_kernel(
         loss = T * T * rkl
         coef_a = T * scale / z_s
         coef_b = cross / z_s
-    else:
+    else:  # JSD, TVD: grad = coef_a (w - q coef_b)
         # h at the anchor: log q_a = -log Z_s (ys_a = 0), log p_a = (t_a - M_t)/T - log Z_t.
         ls_a = -log_z_s
         lt_a = (t_a - m_t) * inv_T - log_z_t
         loss_a, qh_a, h_a = _divergence_terms(lt_a - ls_a, tl.exp(ls_a), tl.exp(lt_a), beta, DIVERGENCE)
-        # Pass 2: the loss and W = sum w (JSD, TVD).
+        # Pass 2: the loss and W = sum w.
         acc_loss = tl.zeros([BLOCK_R], ACC)
         total_w = tl.zeros([BLOCK_R], ACC)
         for v0 in range(0, V, BLOCK_V):
@@ -368,13 +262,9 @@ def _softmax_divergence_kernel(
             mask = row_ok[:, None] & (cols < V)[None, :]
             xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=neg_inf).to(ACC)
             xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=neg_inf).to(ACC)
-            ls = (xs - m_s[:, None]) * inv_T - log_z_s[:, None]
-            lt = (xt - m_t[:, None]) * inv_T - log_z_t[:, None]
-            d = ((xt - m_t[:, None]) - (xs - m_s[:, None])) * inv_T + (log_z_s - log_z_t)[:, None]
-            ps = tl.exp(ls)
-            term, qh, h = _divergence_terms(d, ps, tl.exp(lt), beta, DIVERGENCE)
+            term, w, ps = _class_share(xs, xt, m_s, m_t, log_z_s, log_z_t, inv_T, beta, h_a, DIVERGENCE)
             acc_loss += tl.sum(tl.where(mask, term, 0.0), axis=1)
-            total_w += tl.sum(tl.where(mask, _divergence_weight(qh, h, ps, h_a[:, None], DIVERGENCE), 0.0), axis=1)
+            total_w += tl.sum(tl.where(mask, w, 0.0), axis=1)
         loss_scale = T * T if DIVERGENCE != 3 else T
         loss = loss_scale * acc_loss
         coef_a = (T if DIVERGENCE != 3 else 1.0) * scale
@@ -389,19 +279,16 @@ def _softmax_divergence_kernel(
             mask = row_ok[:, None] & (cols < V)[None, :]
             xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sv, mask=mask, other=neg_inf).to(ACC)
             xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sv, mask=mask, other=neg_inf).to(ACC)
-            ys = (xs - m_s[:, None]) * inv_T
-            yt = (xt - m_t[:, None]) * inv_T
-            if DIVERGENCE == 1:  # T scale q_c (d_c - cross / Z_s)
-                e_s = tl.exp(ys)
+            e_s = tl.exp((xs - m_s[:, None]) * inv_T)
+            if DIVERGENCE == 0:
+                out = coef_a[:, None] * e_s - coef_b[:, None] * tl.exp((xt - m_t[:, None]) * inv_T)
+                if DECOUPLED:
+                    out = tl.where(cols[None, :] == g[:, None], grad_g[:, None], out)
+            elif DIVERGENCE == 1:
                 d = ((xs - m_s[:, None]) - (xt - t_a[:, None])) * inv_T
                 out = tl.where(e_s > 0.0, coef_a[:, None] * e_s * (d - coef_b[:, None]), 0.0)
-            else:  # T' scale (w - q W)
-                ls = ys - log_z_s[:, None]
-                lt = yt - log_z_t[:, None]
-                d = ((xt - m_t[:, None]) - (xs - m_s[:, None])) * inv_T + (log_z_s - log_z_t)[:, None]
-                ps = tl.exp(ls)
-                term_g, qh_g, h_g = _divergence_terms(d, ps, tl.exp(lt), beta, DIVERGENCE)
-                w = _divergence_weight(qh_g, h_g, ps, h_a[:, None], DIVERGENCE)
+            else:
+                term_g, w, ps = _class_share(xs, xt, m_s, m_t, log_z_s, log_z_t, inv_T, beta, h_a, DIVERGENCE)
                 out = coef_a[:, None] * (w - ps * coef_b[:, None])
             out = tl.where(overflow[:, None], float("nan"), out)
             out = tl.where(ignored[:, None], 0.0, out)  # exact zeros, even for NaN input
@@ -409,8 +296,21 @@ def _softmax_divergence_kernel(
                      out.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _softmax_divergence_triton(s, t, target, scale, dim, T, ignore_index, divergence, jsd_beta, compute_grad):
-    """softmax_kl_triton for reverse KL, JSD and TVD."""
+@triton.jit
+def _class_share(xs, xt, m_s, m_t, log_z_s, log_z_t, inv_T, beta, h_a, DIVERGENCE: tl.constexpr):
+    """JSD, TVD: a tile's loss terms, w = q (h - h_a) and q from its logits."""
+    ls = (xs - m_s[:, None]) * inv_T - log_z_s[:, None]
+    lt = (xt - m_t[:, None]) * inv_T - log_z_t[:, None]
+    d = ((xt - m_t[:, None]) - (xs - m_s[:, None])) * inv_T + (log_z_s - log_z_t)[:, None]
+    ps = tl.exp(ls)
+    term, qh, h = _divergence_terms(d, ps, tl.exp(lt), beta, DIVERGENCE)
+    return term, _divergence_weight(qh, h, ps, h_a[:, None], DIVERGENCE), ps
+
+
+@on_inputs_device
+def softmax_kl_triton(s, t, target, scale, dim, T, ignore_index, alpha, beta, decoupled, compute_grad,
+                      divergence="forward_kl", jsd_beta=0.5):
+    """Same contract as torch.ops.kdfast_C.softmax_kl: (row losses, gradient or empty)."""
     s3, t3 = _as_avi(s, dim), _as_avi(t, dim)
     A, V, I = s3.shape
     n_rows = A * I
@@ -418,15 +318,15 @@ def _softmax_divergence_triton(s, t, target, scale, dim, T, ignore_index, diverg
     row_loss = torch.empty(s.shape[:dim] + s.shape[dim + 1:], dtype=acc, device=s.device)
     grad, g3 = _gradient_like(s, s3, compute_grad)
     block_r, block_v, warps = _tiles(s3, s.element_size())
-    _softmax_divergence_kernel[(triton.cdiv(n_rows, block_r),)](
+    _softmax_kl_kernel[(triton.cdiv(n_rows, block_r),)](
         s3, t3, g3, target.reshape(-1) if target is not None else row_loss, row_loss, scale,
         n_rows, V, I,
         s3.stride(0), s3.stride(1), s3.stride(2),
         t3.stride(0), t3.stride(1), t3.stride(2),
         g3.stride(0), g3.stride(1), g3.stride(2),
-        *fp32_halves(T), *fp32_halves(jsd_beta), int(ignore_index),
-        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, COMPUTE_GRAD=compute_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        *fp32_halves(T), *fp32_halves(alpha), *fp32_halves(beta), *fp32_halves(jsd_beta), int(ignore_index),
+        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_TARGET=target is not None, DECOUPLED=bool(decoupled),
+        COMPUTE_GRAD=compute_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
     )
     return row_loss, grad
@@ -443,6 +343,22 @@ def _gradient_like(s, s3, compute_grad):
     except RuntimeError:
         grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
         return grad, grad.view(s3.shape)
+
+
+@triton.jit
+def _topk_class_share(s_row, idx_row, lp_row, c0, k, V, ref, ref_t, log_z, log_z_t, inv_T, beta, h_a,
+                      ACC: tl.constexpr, BLOCK_K: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """Entries c0 .. c0 + BLOCK_K of a row's top-k: their class indices, whether each is a
+    valid entry, and their loss terms, w = q' (h - h_a) and q' over the coarse classes."""
+    cs = c0 + tl.arange(0, BLOCK_K)
+    idx = tl.load(idx_row + cs, mask=cs < k, other=0)
+    ok = (cs < k) & (idx >= 0) & (idx < V)
+    xs = tl.load(s_row + idx, mask=ok, other=float("-inf")).to(ACC) - ref
+    xt = tl.load(lp_row + cs, mask=cs < k, other=float("-inf")).to(ACC) - ref_t
+    ps = tl.exp(xs * inv_T - log_z)
+    d = (xt - xs) * inv_T + (log_z - log_z_t)
+    term, qh, h = _divergence_terms(d, ps, tl.exp(xt * inv_T - log_z_t), beta, DIVERGENCE)
+    return idx, ok, term, _divergence_weight(qh, h, ps, h_a, DIVERGENCE), ps
 
 
 @triton.jit(do_not_specialize=["n_rows", "k", "ignore_index"])
@@ -565,18 +481,10 @@ def _softmax_kl_topk_kernel(
         acc_loss = tl.zeros([], ACC)
         total_w = tl.zeros([], ACC)
         for c0 in range(0, k, BLOCK_K):
-            cs = c0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + k_row + cs, mask=cs < k, other=0)
-            ok = (cs < k) & (idx >= 0) & (idx < V)
-            xs = tl.load(s_row + idx, mask=ok, other=neg_inf).to(ACC) - ref
-            xt = tl.load(lp_ptr + k_row + cs, mask=cs < k, other=neg_inf).to(ACC) - ref_t
-            ls = xs * inv_T - log_z
-            lt = xt * inv_T - log_z_t
-            ps = tl.exp(ls)
-            d = (xt - xs) * inv_T + (log_z - log_z_t)
-            term, qh, h = _divergence_terms(d, ps, tl.exp(lt), beta, DIVERGENCE)
+            idx, ok, term, w, ps = _topk_class_share(s_row, idx_ptr + k_row, lp_ptr + k_row, c0, k, V, ref, ref_t,
+                                                     log_z, log_z_t, inv_T, beta, h_a, ACC, BLOCK_K, DIVERGENCE)
             acc_loss += tl.sum(tl.where(ok, term, 0.0), axis=0)
-            total_w += tl.sum(tl.where(ok, _divergence_weight(qh, h, ps, h_a, DIVERGENCE), 0.0), axis=0)
+            total_w += tl.sum(tl.where(ok, w, 0.0), axis=0)
         w_tail = tl.zeros([], ACC)
         q_tail_ = tl.zeros([], ACC)
         if not RENORMALIZE:
@@ -607,17 +515,9 @@ def _softmax_kl_topk_kernel(
                 out = tl.where(ignored, 0.0, out)  # exact zeros, even for NaN input
                 tl.store(g_row + cols, out.to(grad_ptr.dtype.element_ty), mask=(cols < V) & (~in_k | bad))
             for c0 in range(0, k, BLOCK_K):  # in K: q'_c h_c - q'_c H, the coarse gradient
-                cs = c0 + tl.arange(0, BLOCK_K)
-                idx = tl.load(idx_ptr + k_row + cs, mask=cs < k, other=0)
-                ok = (cs < k) & (idx >= 0) & (idx < V)
-                xs = tl.load(s_row + idx, mask=ok, other=neg_inf).to(ACC) - ref
-                xt = tl.load(lp_ptr + k_row + cs, mask=cs < k, other=neg_inf).to(ACC) - ref_t
-                ls = xs * inv_T - log_z
-                lt = xt * inv_T - log_z_t
-                ps = tl.exp(ls)
-                d_g = (xt - xs) * inv_T + (log_z - log_z_t)
-                term_g, qh_g, h_g = _divergence_terms(d_g, ps, tl.exp(lt), beta, DIVERGENCE)
-                w = _divergence_weight(qh_g, h_g, ps, h_a, DIVERGENCE)
+                idx, ok, term_g, w, ps = _topk_class_share(s_row, idx_ptr + k_row, lp_ptr + k_row, c0, k, V, ref,
+                                                           ref_t, log_z, log_z_t, inv_T, beta, h_a, ACC, BLOCK_K,
+                                                           DIVERGENCE)
                 out = tl.where(ignored, 0.0, grad_scale * (w - ps * total_w))
                 tl.store(g_row + idx, out.to(grad_ptr.dtype.element_ty), mask=ok & ~bad)
         tl.debug_barrier()  # the bitmap is cleared for the next row only after every read

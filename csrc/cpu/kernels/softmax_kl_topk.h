@@ -1,7 +1,6 @@
-// Reverse KL, JSD and TVD on the CPU (csrc/cpu/kernels/softmax_divergence.cpp), compiled
-// once per instruction set like every file of csrc/cpu/kernels/ (csrc/cpu/dispatch.h): the
-// dense part of kdfast_C.softmax_kl for divergences other than forward KL, and
-// kdfast_C.softmax_kl_topk. Their entry points join the table of csrc/cpu/kernels/softmax_kl.cpp.
+// Sparse (top-k) teachers on the CPU (csrc/cpu/kernels/softmax_kl_topk.cpp), compiled once
+// per instruction set like every file of csrc/cpu/kernels/ (csrc/cpu/dispatch.h); its entry
+// point joins the table of csrc/cpu/kernels/softmax_kl.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
@@ -13,10 +12,6 @@
 
 namespace kdfast {
 inline namespace CPU_CAPABILITY {
-
-// Row losses into p.row_loss and, when p.compute_grad, the gradient into p.grad; scale:
-// d(reduced loss)/d(row loss).
-void softmax_divergence_cpu(const SoftmaxKLProblem& p, double scale);
 
 // kdfast_C.softmax_kl_topk (schema: csrc/kdfast.cpp).
 std::tuple<at::Tensor, at::Tensor> softmax_kl_topk_cpu(const at::Tensor& s, const at::Tensor& indices,
