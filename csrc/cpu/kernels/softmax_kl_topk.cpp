@@ -56,8 +56,8 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
   const bool stream = grad != nullptr && stream_stores(p.grad.nbytes(), at::get_num_threads());
 
   parallel_chunks(p.rows, chunk, [&](int64_t begin, int64_t end) {
-    // e^ys of the classes outside K (0 on K: the tail's), and 1 on the row's top-k classes
-    // (0 elsewhere; cleared after each row)
+    // e^ys of the classes outside K (0 on K: the tail's; 0 in the padding), and 1 on the
+    // row's top-k classes (0 elsewhere; cleared after each row)
     acc_t* es = renormalize ? nullptr : scratch<acc_t>(padded);
     thread_local std::vector<acc_t> marks;
     if (static_cast<int64_t>(marks.size()) < padded) marks.assign(padded, 0);
@@ -100,35 +100,46 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         m_lp = std::max(m_lp, lr[c]);
       }
       // bucket: one sweep over the row, centred on K's maximum (the row's is unknown until
-      // its end): its maximum, e^ys outside K into the scratch, Z and the tail's Z_tail.
-      // Centred on the row's maximum instead (a second sweep) when the row rises more than
-      // 64 T above K's (e^64: far from float32's range, whatever V).
+      // its end): its maximum, e^ys into the scratch and Z; then K's classes are cleared in the
+      // scratch and the tail's Z_tail summed from it (from L1/L2: the sweep itself tests no
+      // membership). Centred on the row's maximum instead (a second sweep) when the row rises
+      // more than 64 T above K's (e^64: far from float32's range, whatever V).
       acc_t ref = m_k == neg_inf ? acc_t(0) : m_k, m = m_k, z = 0, z_tail = 0, ref_tail = ref;
       if (!renormalize) {
+        // The next row of this chunk, fetched into L2 during this row's sweep (its arithmetic
+        // overlaps the next row's trip from memory).
+        const scalar_t* next = r + 1 < end ? sr + p.s_row_stride : nullptr;
         const auto sweep = [&] {
           const Vec vref(ref);
-          Vec max_s(neg_inf), sum(0), tail(0);
+          Vec max_s(neg_inf), sum(0);
           for (int64_t j = 0; j < V; j += K) {
+            if (next != nullptr) prefetch_l2(next + j);
             const int64_t n = std::min(K, V - j);
             const Vec x = Vec::set(Vec(neg_inf), L::load(sr + j, n), n);
             max_s = Vec::blendv(max_s, x, x > max_s);
             // (x - ref)/T <= 64 unless the row rises above K's maximum by more (then swept again,
             // centred on the row's maximum): within exp2_nonpositive's range either way.
             const Vec e = exp2_nonpositive((x - vref) * vk);
-            const Vec e_tail = Vec::blendv(e, zero, Vec::loadu(mark + j) != zero);
-            e_tail.store(es + j);
+            e.store(es + j);
             sum = sum + e;
-            tail = tail + e_tail;
           }
           m = std::max(m_k, reduce_max(max_s));
           z = reduce_sum(sum);
-          z_tail = reduce_sum(tail);
         };
         sweep();
         if ((m - ref) * inv_T > acc_t(64)) {
           ref = m;
           sweep();
         }
+        for (int64_t c = 0; c < k; ++c) es[ir[c]] = 0;
+        Vec tail0(0), tail1(0);
+        int64_t j = 0;
+        for (; j + 2 * K <= padded; j += 2 * K) {
+          tail0 = tail0 + Vec::loadu(es + j);
+          tail1 = tail1 + Vec::loadu(es + j + K);
+        }
+        for (; j < padded; j += K) tail0 = tail0 + Vec::loadu(es + j);
+        z_tail = reduce_sum(tail0 + tail1);
         ref_tail = ref;
         if (has_tail && !(z_tail >= acc_t(1e-30))) {
           // The tail's mass underflows next to K's (or is NaN): its own maximum keeps log
@@ -193,15 +204,12 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       if (gr) {
         // The row: NaN, 0 (renormalize) or, outside K, the tail's w_tail - q_tail W spread by
         // the softmax within the tail (es is 0 on K); non-temporal stores when the gradient
-        // outgrows the caches, while the next row is fetched into L2 for its sweep. Then K's
-        // classes, ordinary stores after the fence.
+        // outgrows the caches. Then K's classes, ordinary stores after the fence.
         const bool spread = !renormalize && !nan_row;
         const Vec value(nan_row                       ? nan
                         : spread && z_tail > acc_t(0) ? grad_scale * (w_tail - q_tail * total_w) / z_tail
                                                       : acc_t(0));
-        const scalar_t* next = !renormalize && r + 1 < end ? sr + p.s_row_stride : nullptr;
         for (int64_t j = 0; j < V; j += K) {
-          if (next != nullptr) prefetch_l2(next + j);
           const int64_t n = std::min(K, V - j);
           const Vec g = spread ? value * Vec::loadu(es + j) : value;
           if (stream && n == K) {
