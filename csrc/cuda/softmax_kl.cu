@@ -27,6 +27,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -150,17 +151,6 @@ struct RowAccum {
     m_s = ms;
     m_t = mt;
   }
-
-  template <typename P>
-  __device__ void shfl_merge(int offset, const P& p) {
-    RowAccum o;
-    o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
-    o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
-    o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
-    o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
-    o.c = __shfl_xor_sync(0xffffffff, c, offset);
-    merge(o, p);
-  }
 };
 
 // The LLM divergences' running statistics: maxima, sums of exp((x - M)/T), t_a (the
@@ -226,19 +216,23 @@ struct DivAccum {
     m_t = mt;
     t_a = ta;
   }
-
-  template <typename P>
-  __device__ void shfl_merge(int offset, const P& p) {
-    DivAccum o;
-    o.m_s = __shfl_xor_sync(0xffffffff, m_s, offset);
-    o.z_s = __shfl_xor_sync(0xffffffff, z_s, offset);
-    o.m_t = __shfl_xor_sync(0xffffffff, m_t, offset);
-    o.z_t = __shfl_xor_sync(0xffffffff, z_t, offset);
-    o.t_a = __shfl_xor_sync(0xffffffff, t_a, offset);
-    o.c = __shfl_xor_sync(0xffffffff, c, offset);
-    merge(o, p);
-  }
 };
+
+// The statistics of the lane `offset` away in the warp, field by field (every field of
+// RowAccum and DivAccum is an acc_t).
+template <typename Accum>
+__device__ __forceinline__ Accum shfl_xor(const Accum& r, int offset) {
+  using acc_t = decltype(r.m_s);
+  static_assert(sizeof(Accum) % sizeof(acc_t) == 0, "statistics hold acc_t fields only");
+  constexpr int kFields = sizeof(Accum) / sizeof(acc_t);
+  acc_t fields[kFields];
+  memcpy(fields, &r, sizeof(Accum));
+#pragma unroll
+  for (int i = 0; i < kFields; ++i) fields[i] = __shfl_xor_sync(0xffffffff, fields[i], offset);
+  Accum o;
+  memcpy(&o, fields, sizeof(Accum));
+  return o;
+}
 
 // Merges every thread's statistics; the result is valid in thread 0.
 template <typename Accum, typename P>
@@ -246,13 +240,13 @@ __device__ Accum block_merge(Accum r, const P& p) {
   __shared__ Accum warp_stats[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, p);
+  for (int offset = 16; offset > 0; offset /= 2) r.merge(shfl_xor(r, offset), p);
   if (lane == 0) warp_stats[warp] = r;
   __syncthreads();
   if (warp == 0) {
     r = lane < (blockDim.x + 31) / 32 ? warp_stats[lane] : Accum::empty();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) r.shfl_merge(offset, p);
+    for (int offset = 16; offset > 0; offset /= 2) r.merge(shfl_xor(r, offset), p);
   }
   __syncthreads();  // warp_stats may be reused by the caller's next row
   return r;
