@@ -116,8 +116,11 @@ class Run:
 def run_command(command, timeout, env=None, log=None, cwd=ROOT) -> tuple[int | str, str]:
     """(exit code, or 'timeout'; output). At the timeout the process gets SIGINT (pytest
     then writes its summary), SIGKILL 20 s later."""
+    # SIGINT as the default in the child: a shell that starts this in the background (without
+    # job control) leaves it ignored, and an ignored signal stays ignored across exec.
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         output, _ = process.communicate(timeout=max(timeout, 1))
         code = process.returncode
