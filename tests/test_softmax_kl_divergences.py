@@ -343,6 +343,41 @@ def test_topk_int64_indices_and_extreme_student(device, backend):
         assert_close(grad, ref_grad, 1e-5, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_cpu_rows_in_sequence(dtype):
+    """The CPU kernel sweeps row r + 1 while it writes row r's gradient: every kind of row
+    after every other (ignored, swept again around a maximum far above K's, a tail that
+    underflows, ordinary), rows not 64-byte aligned (V odd), a gradient large enough for
+    non-temporal stores, one and two threads."""
+    N, V, k = 24, 20001, 16
+    s = make((N, V), torch.float32, seed=31)
+    t = make((N, V), torch.float32, seed=32)
+    topk = kdfast.topk_logits(t, k)
+    idx = topk.indices.long()
+    target = torch.zeros(N, dtype=torch.long)
+    target[[1, 2, 9, 23]] = -100  # ignored: two in a row, one between special rows, the last
+    for r in (3, 4, 10):  # a class outside K 100 above K's maximum: the sweep is done again
+        outside = next(j for j in range(V) if j not in set(idx[r].tolist()))
+        s[r, outside] = s[r, idx[r]].max() + 100
+    for r in (5, 11):  # the tail's mass underflows next to K's
+        s[r] -= 200
+        s[r, idx[r]] += 200
+    s = s.to(dtype)
+    grad_out = torch.tensor(0.7)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for fn in (KF.soft_target_kl, KF.jsd, KF.reverse_kl):
+                loss, grad = run("cpu", fn, s, topk, grad_out, target=target, reduction="none")
+                ref_loss, ref_grad = reference(fn, s, topk, grad_out, target=target, reduction="none")
+                tol = 1e-5 if dtype == torch.float32 else TOLERANCE[dtype]
+                assert_close(loss, ref_loss, tol, f"{fn.__name__} loss, {n_threads} threads")
+                assert_close(grad, ref_grad, tol, f"{fn.__name__} grad, {n_threads} threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
 # (Triton: its gradients against the float64 reference's in test_topk_matches_explicit_distributions)
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "triton"])
 def test_topk_gradcheck(device, backend):

@@ -54,33 +54,38 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 19) / std::max<int64_t>(renormalize ? k : V, 1));
   const int64_t padded = (V + K - 1) / K * K;
   const bool stream = grad != nullptr && stream_stores(p.grad.nbytes(), at::get_num_threads());
+  const auto ignored = [&](int64_t r) { return target != nullptr && target[r] == p.ignore_index; };
+
+  // A row's student statistics: over K, its maximum m_k and the teacher's log-probability
+  // there (lp_a, the anchor), the teacher's largest log-probability; from the sweep, the
+  // centre ref of its exponentials, the row's maximum m and z = sum e^((x - ref)/T).
+  struct RowStats {
+    acc_t m_k, lp_a, m_lp, ref, m, z;
+  };
 
   parallel_chunks(p.rows, chunk, [&](int64_t begin, int64_t end) {
-    // e^ys of the classes outside K (0 on K: the tail's; 0 in the padding), and 1 on the
-    // row's top-k classes (0 elsewhere; cleared after each row)
-    acc_t* es = renormalize ? nullptr : scratch<acc_t>(padded);
+    // Two scratch rows in turn: e^ys of a row's classes (0 in the padding; then 0 on K, the
+    // tail's) while the previous row's gradient is written from the other.
+    acc_t* es_buffers = renormalize ? nullptr : scratch<acc_t>(2 * padded);
+    // 1 on the row's top-k classes (0 elsewhere; cleared after each row)
     thread_local std::vector<acc_t> marks;
     if (static_cast<int64_t>(marks.size()) < padded) marks.assign(padded, 0);
     acc_t* mark = marks.data();
     const Vec zero(0), vk(static_cast<acc_t>(kLog2e) * inv_T);
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* sr = s + r * p.s_row_stride;
+    const auto row_of = [&](int64_t r) { return s + r * p.s_row_stride; };
+    const auto unmark = [&](int64_t r, int64_t marked) {
+      for (int64_t c = 0; c < marked; ++c) mark[indices[r * k + c]] = 0;
+    };
+
+    // Marks row r's top-k classes (checking them: the errors of
+    // kdfast._checks.check_topk_indices) and returns its statistics over K.
+    const auto prepare = [&](int64_t r) {
       const int64_t* ir = indices + r * k;
       const acc_t* lr = logprobs + r * k;
-      scalar_t* gr = grad ? grad + r * V : nullptr;
-      if (target && target[r] == p.ignore_index) {
-        row_loss[r] = 0;
-        if (gr) std::fill(gr, gr + V, scalar_t(0));
-        continue;
-      }
-      int64_t marked = 0;
-      const auto unmark = [&] {
-        for (int64_t c = 0; c < marked; ++c) mark[ir[c]] = 0;
-      };
-      for (; marked < k; ++marked) {
+      for (int64_t marked = 0; marked < k; ++marked) {
         const int64_t j = ir[marked];
-        if (j < 0 || j >= V || mark[j] != 0) {  // the errors of kdfast._checks.check_topk_indices
-          unmark();
+        if (j < 0 || j >= V || mark[j] != 0) {
+          unmark(r, marked);
           TORCH_CHECK_VALUE(j >= 0 && j < V, "teacher_logits.indices holds class index ", j, " outside [0, ", V,
                             ") for logits with ", V, " classes");
           TORCH_CHECK_VALUE(false, "teacher_logits.indices repeats class ", j, " in row ", r,
@@ -89,48 +94,108 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         }
         mark[j] = 1;
       }
-      // The student over K: its maximum and the teacher's log-probability there (the anchor).
-      acc_t m_k = neg_inf, lp_a = neg_inf, m_lp = neg_inf;
+      const scalar_t* sr = row_of(r);
+      RowStats st{neg_inf, neg_inf, neg_inf, 0, neg_inf, 0};
       for (int64_t c = 0; c < k; ++c) {
         const acc_t x = static_cast<acc_t>(sr[ir[c]]);
-        if (x > m_k) {
-          m_k = x;
-          lp_a = lr[c];
+        if (x > st.m_k) {
+          st.m_k = x;
+          st.lp_a = lr[c];
         }
-        m_lp = std::max(m_lp, lr[c]);
+        st.m_lp = std::max(st.m_lp, lr[c]);
       }
-      // bucket: one sweep over the row, centred on K's maximum (the row's is unknown until
-      // its end): its maximum, e^ys into the scratch and Z; then K's classes are cleared in the
-      // scratch and the tail's Z_tail summed from it (from L1/L2: the sweep itself tests no
-      // membership). Centred on the row's maximum instead (a second sweep) when the row rises
-      // more than 64 T above K's (e^64: far from float32's range, whatever V).
-      acc_t ref = m_k == neg_inf ? acc_t(0) : m_k, m = m_k, z = 0, z_tail = 0, ref_tail = ref;
-      if (!renormalize) {
-        // The next row of this chunk, fetched into L2 during this row's sweep (its arithmetic
-        // overlaps the next row's trip from memory).
-        const scalar_t* next = r + 1 < end ? sr + p.s_row_stride : nullptr;
-        const auto sweep = [&] {
-          const Vec vref(ref);
-          Vec max_s(neg_inf), sum(0);
-          for (int64_t j = 0; j < V; j += K) {
-            if (next != nullptr) prefetch_l2(next + j);
-            const int64_t n = std::min(K, V - j);
-            const Vec x = Vec::set(Vec(neg_inf), L::load(sr + j, n), n);
-            max_s = Vec::blendv(max_s, x, x > max_s);
-            // (x - ref)/T <= 64 unless the row rises above K's maximum by more (then swept again,
-            // centred on the row's maximum): within exp2_nonpositive's range either way.
-            const Vec e = exp2_nonpositive((x - vref) * vk);
-            e.store(es + j);
-            sum = sum + e;
-          }
-          m = std::max(m_k, reduce_max(max_s));
-          z = reduce_sum(sum);
-        };
-        sweep();
-        if ((m - ref) * inv_T > acc_t(64)) {
-          ref = m;
-          sweep();
+      st.ref = st.m_k == neg_inf ? acc_t(0) : st.m_k;
+      st.m = st.m_k;
+      return st;
+    };
+
+    // bucket: one sweep over row sr centred on st.ref (K's maximum: the row's is unknown until
+    // its end): its maximum, e^ys into es and z. When gr is given, the same loop writes the
+    // previous row's gradient gr = value es_prev (or value where !spread) beside it: reads and
+    // writes in flight together, as in a copy, instead of one after the other. `next`: a row
+    // fetched into L2 meanwhile (nullptr: none).
+    const auto sweep = [&](const scalar_t* sr, RowStats& st, acc_t* es, const scalar_t* next, scalar_t* gr,
+                           const acc_t* es_prev, acc_t value_d, bool spread) {
+      const Vec vref(st.ref), value(value_d);
+      Vec max0(neg_inf), max1(neg_inf), sum0(0), sum1(0);
+      // Two vectors at a time: two running maxima and sums, so that neither waits on the
+      // latency of its previous step (a NaN is dropped from the maximum: it reaches z).
+      const auto step = [&](const Vec& x, Vec& max_s, Vec& sum, acc_t* es_j) {
+        max_s = max_dropping_nan(max_s, x);
+        // (x - ref)/T <= 64 unless the row rises above K's maximum by more (then swept again,
+        // centred on the row's maximum): within exp2_nonpositive's range either way.
+        const Vec e = exp2_nonpositive((x - vref) * vk);
+        e.store(es_j);
+        sum = sum + e;
+      };
+      const auto write = [&](int64_t j, int64_t n) {
+        const Vec g = spread ? value * Vec::loadu(es_prev + j) : value;
+        if (stream && n == K) {
+          L::store_stream(gr + j, g);
+        } else {
+          L::store(gr + j, g, n);
         }
+      };
+      int64_t j = 0;
+      for (; j + 2 * K <= V; j += 2 * K) {
+        if (next != nullptr) {
+          prefetch_l2(next + j);
+          prefetch_l2(next + j + K);
+        }
+        if (gr != nullptr) {
+          write(j, K);
+          write(j + K, K);
+        }
+        step(L::load(sr + j), max0, sum0, es + j);
+        step(L::load(sr + j + K), max1, sum1, es + j + K);
+      }
+      for (; j < V; j += K) {
+        const int64_t n = std::min(K, V - j);
+        if (next != nullptr) prefetch_l2(next + j);
+        if (gr != nullptr) write(j, n);
+        step(Vec::set(Vec(neg_inf), L::load(sr + j, n), n), max0, sum0, es + j);
+      }
+      st.m = std::max(st.m_k, reduce_max(max_dropping_nan(max0, max1)));
+      st.z = reduce_sum(sum0 + sum1);
+    };
+    // Centred on the row's maximum instead (a second sweep) when the row rises more than 64 T
+    // above K's (e^64: far from float32's range, whatever V).
+    const auto resweep_if_needed = [&](const scalar_t* sr, RowStats& st, acc_t* es) {
+      if ((st.m - st.ref) * inv_T > acc_t(64)) {
+        st.ref = st.m;
+        sweep(sr, st, es, nullptr, nullptr, nullptr, 0, false);
+      }
+    };
+
+    // Row `begin` is prepared and swept alone; each later row r + 1 is swept while row r's
+    // gradient is written (the next row of this chunk fetched into L2 meanwhile).
+    int64_t cur = 0;  // which scratch row holds row r's e^ys
+    RowStats st{};
+    bool ready = false;  // row r prepared (and, bucket, swept)
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* sr = row_of(r);
+      const int64_t* ir = indices + r * k;
+      const acc_t* lr = logprobs + r * k;
+      scalar_t* gr = grad ? grad + r * V : nullptr;
+      acc_t* es = renormalize ? nullptr : es_buffers + cur * padded;
+      if (ignored(r)) {
+        row_loss[r] = 0;
+        if (gr) std::fill(gr, gr + V, scalar_t(0));
+        ready = false;
+        continue;
+      }
+      if (!ready) {
+        st = prepare(r);
+        if (!renormalize) {
+          sweep(sr, st, es, r + 1 < end ? row_of(r + 1) : nullptr, nullptr, nullptr, 0, false);
+          resweep_if_needed(sr, st, es);
+        }
+      }
+      const acc_t ref = st.ref, m_k = st.m_k, lp_a = st.lp_a, m_lp = st.m_lp, m = st.m;
+      acc_t z = st.z, z_tail = 0, ref_tail = ref;
+      if (!renormalize) {
+        // K's classes cleared in the scratch and the tail's Z_tail summed from it (from L1/L2:
+        // the sweep itself tests no membership).
         for (int64_t c = 0; c < k; ++c) es[ir[c]] = 0;
         Vec tail0(0), tail1(0);
         int64_t j = 0;
@@ -140,7 +205,6 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         }
         for (; j < padded; j += K) tail0 = tail0 + Vec::loadu(es + j);
         z_tail = reduce_sum(tail0 + tail1);
-        ref_tail = ref;
         if (has_tail && !(z_tail >= acc_t(1e-30))) {
           // The tail's mass underflows next to K's (or is NaN): its own maximum keeps log
           // q_tail (and the spread of its gradient) exact.
@@ -158,6 +222,7 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       } else {
         for (int64_t c = 0; c < k; ++c) z += std::exp((static_cast<acc_t>(sr[ir[c]]) - ref) * inv_T);
       }
+      unmark(r, k);
       const acc_t log_z = std::log(z);
       // The teacher over K: bucket, log p as stored and sum p; renormalize, logprobs/T renormalised.
       const acc_t ref_t = renormalize && m_lp != neg_inf ? m_lp : acc_t(0);
@@ -201,23 +266,35 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       }
       const bool nan_row = softmax_kl_overflows(m, inv_T);
       row_loss[r] = nan_row ? nan : loss_scale * loss;
-      if (gr) {
-        // The row: NaN, 0 (renormalize) or, outside K, the tail's w_tail - q_tail W spread by
-        // the softmax within the tail (es is 0 on K); non-temporal stores when the gradient
-        // outgrows the caches. Then K's classes, ordinary stores after the fence.
-        const bool spread = !renormalize && !nan_row;
-        const Vec value(nan_row                       ? nan
-                        : spread && z_tail > acc_t(0) ? grad_scale * (w_tail - q_tail * total_w) / z_tail
-                                                      : acc_t(0));
+
+      // The row's gradient: NaN, 0 (renormalize) or, outside K, the tail's w_tail - q_tail W
+      // spread by the softmax within the tail (es is 0 on K); non-temporal stores when the
+      // gradient outgrows the caches. Bucket: written while the next row is swept.
+      const bool spread = !renormalize && !nan_row;
+      const acc_t value = nan_row                       ? nan
+                          : spread && z_tail > acc_t(0) ? grad_scale * (w_tail - q_tail * total_w) / z_tail
+                                                        : acc_t(0);
+      ready = false;
+      if (!renormalize && r + 1 < end && !ignored(r + 1)) {
+        const int64_t r1 = r + 1;
+        acc_t* es1 = es_buffers + (1 - cur) * padded;
+        st = prepare(r1);
+        sweep(row_of(r1), st, es1, r1 + 1 < end ? row_of(r1 + 1) : nullptr, gr, es, value, spread);
+        resweep_if_needed(row_of(r1), st, es1);
+        ready = true;
+      } else if (gr) {
         for (int64_t j = 0; j < V; j += K) {
           const int64_t n = std::min(K, V - j);
-          const Vec g = spread ? value * Vec::loadu(es + j) : value;
+          const Vec g = spread ? Vec(value) * Vec::loadu(es + j) : Vec(value);
           if (stream && n == K) {
             L::store_stream(gr + j, g);
           } else {
             L::store(gr + j, g, n);
           }
         }
+      }
+      // Then K's classes, ordinary stores after the fence.
+      if (gr) {
         if (stream) stream_fence();
         if (!nan_row) {
           for (int64_t c = 0; c < k; ++c) {
@@ -227,7 +304,7 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
           }
         }
       }
-      unmark();
+      cur = 1 - cur;
     }
   });
 }
