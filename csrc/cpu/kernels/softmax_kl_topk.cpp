@@ -50,8 +50,11 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
   const acc_t loss_scale = divergence_loss_scale(div, T), grad_scale = divergence_grad_scale(div, T) * acc_t(scale_d);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  // Chunks of ~512K classes taken by the threads in turn, as for dense teachers.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 19) / std::max<int64_t>(renormalize ? k : V, 1));
+  // Chunks of ~2M classes (64 rows of 32k) taken by the threads in turn: four times the dense
+  // kernel's, since a chunk's first row is swept and its last row's gradient written alone
+  // (outside the pipeline below): 1 row in 64 instead of 1 in 16 measured 16 against 19 ms at
+  // 2048 x 32000.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(renormalize ? k : V, 1));
   const int64_t padded = (V + K - 1) / K * K;
   const bool stream = grad != nullptr && stream_stores(p.grad.nbytes(), at::get_num_threads());
   const auto ignored = [&](int64_t r) { return target != nullptr && target[r] == p.ignore_index; };
@@ -196,15 +199,25 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       if (!renormalize) {
         // K's classes cleared in the scratch and the tail's Z_tail summed from it (from L1/L2:
         // the sweep itself tests no membership).
-        for (int64_t c = 0; c < k; ++c) es[ir[c]] = 0;
-        Vec tail0(0), tail1(0);
-        int64_t j = 0;
-        for (; j + 2 * K <= padded; j += 2 * K) {
-          tail0 = tail0 + Vec::loadu(es + j);
-          tail1 = tail1 + Vec::loadu(es + j + K);
+        acc_t z_k = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          z_k += es[ir[c]];
+          es[ir[c]] = 0;
         }
-        for (; j < padded; j += K) tail0 = tail0 + Vec::loadu(es + j);
-        z_tail = reduce_sum(tail0 + tail1);
+        if (z_k <= acc_t(0.5) * z) {
+          // The tail holds at least half of z: z - z_k loses at most a factor 2 of z's relative
+          // precision to cancellation, and spares a pass over the scratch.
+          z_tail = z - z_k;
+        } else {
+          Vec tail0(0), tail1(0);
+          int64_t j = 0;
+          for (; j + 2 * K <= padded; j += 2 * K) {
+            tail0 = tail0 + Vec::loadu(es + j);
+            tail1 = tail1 + Vec::loadu(es + j + K);
+          }
+          for (; j < padded; j += K) tail0 = tail0 + Vec::loadu(es + j);
+          z_tail = reduce_sum(tail0 + tail1);
+        }
         if (has_tail && !(z_tail >= acc_t(1e-30))) {
           // The tail's mass underflows next to K's (or is NaN): its own maximum keeps log
           // q_tail (and the spread of its gradient) exact.
