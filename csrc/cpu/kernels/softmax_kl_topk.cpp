@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/kernels/softmax_kl_topk.h"
@@ -74,6 +76,9 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
     thread_local std::vector<acc_t> marks;
     if (static_cast<int64_t>(marks.size()) < padded) marks.assign(padded, 0);
     acc_t* mark = marks.data();
+    thread_local std::vector<acc_t> k_terms;  // a row's top-k classes: x_s, q_s and w
+    if (static_cast<int64_t>(k_terms.size()) < 3 * k) k_terms.resize(3 * k);
+    acc_t *k_xs = k_terms.data(), *k_ps = k_xs + k, *k_w = k_ps + k;
     const Vec zero(0), vk(static_cast<acc_t>(kLog2e) * inv_T);
     const auto row_of = [&](int64_t r) { return s + r * p.s_row_stride; };
     const auto unmark = [&](int64_t r, int64_t marked) {
@@ -239,8 +244,12 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       const acc_t log_z = std::log(z);
       // The teacher over K: bucket, log p as stored and sum p; renormalize, logprobs/T renormalised.
       const acc_t ref_t = renormalize && m_lp != neg_inf ? m_lp : acc_t(0);
-      acc_t z_t = 0;
-      for (int64_t c = 0; c < k; ++c) z_t += std::exp((lr[c] - ref_t) * inv_T);
+      // (K's classes a vector of them at a time here and below, the last k % K one by one.)
+      const int64_t k_vec = k / K * K;
+      Vec sum_t(0);
+      for (int64_t c = 0; c < k_vec; c += K) sum_t = sum_t + ((Vec::loadu(lr + c) - Vec(ref_t)) * Vec(inv_T)).exp();
+      acc_t z_t = reduce_sum(sum_t);
+      for (int64_t c = k_vec; c < k; ++c) z_t += std::exp((lr[c] - ref_t) * inv_T);
       const acc_t log_z_t = renormalize ? std::log(z_t) : acc_t(0);
       // The coarse problem's anchor: the student's most probable class of K, or the tail.
       acc_t ls_a = (m_k - ref) * inv_T - log_z, lt_a = (lp_a - ref_t) * inv_T - log_z_t;
@@ -256,18 +265,37 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       const acc_t h_a = divergence_terms<Ops>(div, lt_a - ls_a, std::exp(ls_a), std::exp(lt_a), beta,
                                               one_minus_beta)
                             .h;
-      const auto class_terms = [&](int64_t c, acc_t& ps) {
-        const acc_t xs = static_cast<acc_t>(sr[ir[c]]) - ref, xt = lr[c] - ref_t;
-        ps = std::exp(xs * inv_T - log_z);
-        return divergence_terms<Ops>(div, (xt - xs) * inv_T + (log_z - log_z_t), ps, std::exp(xt * inv_T - log_z_t),
-                                     beta, one_minus_beta);
+      // K's classes: their loss terms, and their q_s and w kept for the gradient (k each).
+      const auto class_terms = [&]<typename O>(const typename O::V& x_s, const typename O::V& x_t, acc_t* ps_out,
+                                               acc_t* w_out) {
+        using W = typename O::V;
+        const W xs = x_s - W(ref), xt = x_t - W(ref_t);
+        const W ps = O::exp(xs * W(inv_T) - W(log_z));
+        const ClassTerms<W> ct = divergence_terms<O>(div, (xt - xs) * W(inv_T) + W(log_z - log_z_t), ps,
+                                                     O::exp(xt * W(inv_T) - W(log_z_t)), W(beta), W(one_minus_beta));
+        const W w = divergence_weight<O>(div, ct, ps, W(h_a));
+        if constexpr (std::is_same_v<W, acc_t>) {
+          *ps_out = ps;
+          *w_out = w;
+        } else {
+          ps.store(ps_out);
+          w.store(w_out);
+        }
+        return std::pair<W, W>{ct.loss, w};
       };
-      acc_t loss = 0, total_w = 0, q_tail = 0, w_tail = 0;
-      for (int64_t c = 0; c < k; ++c) {
-        acc_t ps;
-        const ClassTerms<acc_t> ct = class_terms(c, ps);
-        loss += ct.loss;
-        total_w += divergence_weight<Ops>(div, ct, ps, h_a);
+      for (int64_t c = 0; c < k; ++c) k_xs[c] = static_cast<acc_t>(sr[ir[c]]);
+      Vec loss_v(0), total_w_v(0);
+      for (int64_t c = 0; c < k_vec; c += K) {
+        const auto [l, w] = class_terms.template operator()<VecOps<acc_t>>(Vec::loadu(k_xs + c), Vec::loadu(lr + c),
+                                                                           k_ps + c, k_w + c);
+        loss_v = loss_v + l;
+        total_w_v = total_w_v + w;
+      }
+      acc_t loss = reduce_sum(loss_v), total_w = reduce_sum(total_w_v), q_tail = 0, w_tail = 0;
+      for (int64_t c = k_vec; c < k; ++c) {
+        const auto [l, w] = class_terms.template operator()<Ops>(k_xs[c], lr[c], k_ps + c, k_w + c);
+        loss += l;
+        total_w += w;
       }
       if (has_tail) {
         q_tail = std::exp(ls_tail);
@@ -310,11 +338,7 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       if (gr) {
         if (stream) stream_fence();
         if (!nan_row) {
-          for (int64_t c = 0; c < k; ++c) {
-            acc_t ps;
-            const ClassTerms<acc_t> ct = class_terms(c, ps);
-            gr[ir[c]] = static_cast<scalar_t>(grad_scale * (divergence_weight<Ops>(div, ct, ps, h_a) - ps * total_w));
-          }
+          for (int64_t c = 0; c < k; ++c) gr[ir[c]] = static_cast<scalar_t>(grad_scale * (k_w[c] - k_ps[c] * total_w));
         }
       }
       cur = 1 - cur;
