@@ -125,7 +125,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     dense_bytes, sparse_bytes = _teacher_bytes(n, v, dtype)
     backend = best[0].removeprefix("kdfast-")
     out.append(Case(f"soft_target_kl top-{K} teacher", {"N": n, "V": v, "k": K}, dtype, device,
-                    _topk_providers(n, v, dtype, device),
+                    _topk_providers(n, v, dtype, device), interleave=True,  # a ratio of two fast calls: in turns
                     floors=[Floor(f"kdfast-{backend}-top{K}", f"kdfast-{backend}-dense", 1.5)],
                     stored_ratios=[StoredRatio("teacher", f"kdfast-{backend}-top{K}", sparse_bytes,
                                                f"kdfast-{backend}-dense", dense_bytes, 100.0)],
