@@ -176,7 +176,9 @@ KDFAST_HD SoftmaxKLRowResult<acc_t> softmax_kl_finish_row(
 //                (stored bfloat16 probabilities can sum past 1), q_tail = sum_{j not in K} q_j
 //                from the student's full softmax (its own sum, not 1 - sum_K q, which
 //                cancels for a confident student; and in log space, on the tail's own
-//                maximum, so that it stays exact when the tail's mass underflows); T = 1.
+//                maximum, so that it stays exact when the tail's mass underflows; the CPU
+//                takes Z - Z_K where the tail holds at least half of Z, losing at most a
+//                factor 2 of Z's relative precision); T = 1.
 //                The dense formulas on the coarse classes give w_c - q'_c W for c in K; the
 //                tail's w_tail - q_tail W is spread over the classes outside K in proportion
 //                to the student's softmax within the tail (q_j / q_tail).

@@ -3,10 +3,11 @@
 // (csrc/cpu/dispatch.h); its entry point joins the table of csrc/cpu/kernels/softmax_kl.cpp.
 //
 // Rows [R, V] (classes contiguous), the teacher's k entries per row; the student row in one
-// sweep (bucket: centred on the maximum over K, its exponentials, Z and the tail's sum
-// through a mask of the row's top-k classes; renormalize: only its k entries), and the
-// gradient from the scratch row. O(rows) memory beyond the inputs and the gradient, a
-// scratch row and the mask per thread.
+// sweep (bucket: centred on the maximum over K, its exponentials into a scratch row, Z, and
+// the tail's Z as Z minus K's share or summed from the scratch; renormalize: only its k
+// entries), and the gradient from the scratch row, written in the loop that sweeps the next
+// row (two scratch rows in turn). O(rows) memory beyond the inputs and the gradient: two
+// scratch rows and the mask per thread.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
