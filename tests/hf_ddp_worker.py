@@ -57,6 +57,12 @@ def main():
     if record is not None:
         with open(os.environ["KDFAST_HF_TEST_OUT"], "w") as f:
             json.dump(record, f)
+    if dist.is_initialized():
+        # The Trainer leaves the process group to the script: one left to the interpreter's
+        # exit may end a rank with "terminate called without an active exception" (gloo's
+        # threads still running), which torchrun reports as a failure.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -68,9 +68,13 @@ def test_option_gives_the_default_outputs(name, default_run):
     assert call["teacher_pred"].dtype == torch.float32 and not call["teacher_pred"].is_inference()
     assert_close(call["teacher_pred"], ref["teacher_pred"], tol, f"{name}: teacher logits")
     # the KD loss on those logits (LOSS_TOLERANCE is for a kernel on the same inputs: here the
-    # inputs differ by the teacher's rounding, and the loss by as much)
-    loss = L.SoftTarget(pred=call["pred"], teacher_pred=call["teacher_pred"])
-    assert_close(loss, L.SoftTarget(pred=ref["pred"], teacher_pred=ref["teacher_pred"]), tol, f"{name}: loss")
+    # inputs differ by the teacher's rounding). The loss moves with that rounding, not in
+    # proportion to its own value (small when the student is near the teacher): its error is
+    # measured against T x the largest teacher logit, the scale of its first-order change.
+    soft_target = L.SoftTarget()
+    loss = soft_target(pred=call["pred"], teacher_pred=call["teacher_pred"])
+    ref_loss = soft_target(pred=ref["pred"], teacher_pred=ref["teacher_pred"])
+    assert_close(loss, ref_loss, tol, f"{name}: loss", floor=soft_target.T * float(ref["teacher_pred"].abs().max()))
     assert_grads_close(grads, ref_grads, tol, name)
     if "teacher_compile" in options:
         assert kd.teacher_compile_seconds is not None and kd.teacher_compile_seconds > 0
