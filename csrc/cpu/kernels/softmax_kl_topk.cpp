@@ -118,6 +118,17 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       return st;
     };
 
+    // Lanes [j, j + n) of a row's gradient outside K: value es (spread) or value;
+    // non-temporal stores when the gradient outgrows the caches.
+    const auto write_grad = [&](scalar_t* gr, const acc_t* es, const Vec& value, bool spread, int64_t j, int64_t n) {
+      const Vec g = spread ? value * Vec::loadu(es + j) : value;
+      if (stream && n == K) {
+        L::store_stream(gr + j, g);
+      } else {
+        L::store(gr + j, g, n);
+      }
+    };
+
     // bucket: one sweep over row sr centred on st.ref (K's maximum: the row's is unknown until
     // its end): its maximum, e^ys into es and z. When gr is given, the same loop writes the
     // previous row's gradient gr = value es_prev (or value where !spread) beside it: reads and
@@ -137,14 +148,6 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         e.store(es_j);
         sum = sum + e;
       };
-      const auto write = [&](int64_t j, int64_t n) {
-        const Vec g = spread ? value * Vec::loadu(es_prev + j) : value;
-        if (stream && n == K) {
-          L::store_stream(gr + j, g);
-        } else {
-          L::store(gr + j, g, n);
-        }
-      };
       int64_t j = 0;
       for (; j + 2 * K <= V; j += 2 * K) {
         if (next != nullptr) {
@@ -152,8 +155,8 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
           prefetch_l2(next + j + K);
         }
         if (gr != nullptr) {
-          write(j, K);
-          write(j + K, K);
+          write_grad(gr, es_prev, value, spread, j, K);
+          write_grad(gr, es_prev, value, spread, j + K, K);
         }
         step(L::load(sr + j), max0, sum0, es + j);
         step(L::load(sr + j + K), max1, sum1, es + j + K);
@@ -161,7 +164,7 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       for (; j < V; j += K) {
         const int64_t n = std::min(K, V - j);
         if (next != nullptr) prefetch_l2(next + j);
-        if (gr != nullptr) write(j, n);
+        if (gr != nullptr) write_grad(gr, es_prev, value, spread, j, n);
         step(Vec::set(Vec(neg_inf), L::load(sr + j, n), n), max0, sum0, es + j);
       }
       st.m = std::max(st.m_k, reduce_max(max_dropping_nan(max0, max1)));
@@ -203,8 +206,8 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       const acc_t ref = st.ref, m_k = st.m_k, lp_a = st.lp_a, m_lp = st.m_lp, m = st.m;
       acc_t z = st.z, z_tail = 0, ref_tail = ref;
       if (!renormalize) {
-        // K's classes cleared in the scratch and the tail's Z_tail summed from it (from L1/L2:
-        // the sweep itself tests no membership).
+        // K's share z_k taken from the scratch and cleared there, and the tail's Z_tail from
+        // z or summed from the scratch (from L1/L2: the sweep itself tests no membership).
         acc_t z_k = 0;
         for (int64_t c = 0; c < k; ++c) {
           z_k += es[ir[c]];
@@ -310,8 +313,8 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
       row_loss[r] = nan_row ? nan : loss_scale * loss;
 
       // The row's gradient: NaN, 0 (renormalize) or, outside K, the tail's w_tail - q_tail W
-      // spread by the softmax within the tail (es is 0 on K); non-temporal stores when the
-      // gradient outgrows the caches. Bucket: written while the next row is swept.
+      // spread by the softmax within the tail (es is 0 on K). Bucket: written while the next
+      // row is swept.
       const bool spread = !renormalize && !nan_row;
       const acc_t value = nan_row                       ? nan
                           : spread && z_tail > acc_t(0) ? grad_scale * (w_tail - q_tail * total_w) / z_tail
@@ -325,15 +328,7 @@ void topk_rows(const SoftmaxKLTopKProblem& p, double scale_d) {
         resweep_if_needed(row_of(r1), st, es1);
         ready = true;
       } else if (gr) {
-        for (int64_t j = 0; j < V; j += K) {
-          const int64_t n = std::min(K, V - j);
-          const Vec g = spread ? Vec(value) * Vec::loadu(es + j) : Vec(value);
-          if (stream && n == K) {
-            L::store_stream(gr + j, g);
-          } else {
-            L::store(gr + j, g, n);
-          }
-        }
+        for (int64_t j = 0; j < V; j += K) write_grad(gr, es, Vec(value), spread, j, std::min(K, V - j));
       }
       // Then K's classes, ordinary stores after the fence.
       if (gr) {
