@@ -8,6 +8,7 @@ needed (the fastai callback uses them; so can any training loop)::
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from collections import OrderedDict
 from functools import reduce
@@ -15,7 +16,7 @@ from functools import reduce
 import torch
 from torch import nn
 
-__all__ = ["get_model_layers", "get_module_by_name", "match_feature_layers"]
+__all__ = ["get_model_layers", "get_module_by_name", "match_feature_layers", "inference_copy", "OnePixelConv2d"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,3 +188,74 @@ def match_feature_layers(student_model: nn.Module, teacher_model: nn.Module, sam
                          f"{fmt(t_best)}). Use a sample input of the size the models train on, or name the "
                          f"layer pairs yourself (get_model_layers(model) lists them)")
     return {"student": [s_best[r] for r in shared], "teacher": [t_best[r] for r in shared]}
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen teacher for inference
+
+class OnePixelConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose one-pixel outputs are one matrix product (the layers of
+    ``inference_copy``; any other output is ``nn.Conv2d``'s).
+
+    When the output is 1×1 (ResNet's last stage on 32×32 images: a 3×3, padding-1 convolution
+    of a 1×1 map), the window sits at one place and its taps outside the input see padding
+    zeros, so with the visible rows ``[0, h)`` and columns ``[0, w)`` (``h = min(H, k_h - p_h)``)
+
+        y[n, o] = b[o] + Σ_{c, i < h, j < w} W[o, c, p_h + i, p_w + j] · x[n, c, i, j]
+
+    a [N, C·h·w] × [C·h·w, O] product. oneDNN's bfloat16 convolution of 64 one-pixel 512-channel
+    maps with a 3×3 kernel took 3.2 ms on a 2-core AMX Xeon, the product of its visible taps
+    about 0.05 ms: ResNet-18's forward pass on 64 32×32 images went from 21 ms to 8 ms (bf16,
+    channels_last). Only the summation order differs from the convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        visible = self._visible_window(x)
+        if visible is None:
+            return super().forward(x)
+        h, w = visible
+        n, k = x.shape[0], self.in_channels * h * w
+        y = nn.functional.linear(x[:, :, :h, :w].reshape(n, k), self._visible_weight(h, w), self.bias)
+        return y.reshape(n, self.out_channels, 1, 1)
+
+    def _visible_weight(self, h: int, w: int) -> torch.Tensor:
+        """The taps the input meets, [O, C·h·w], kept while the weight stays the same tensor
+        (gathering the centre tap of a 3×3 kernel reads all of it: 4.7 MB at 512 channels in
+        bf16, about a third of the product's time when done at every call)."""
+        (ph, pw), weight = self.padding, self.weight
+        taps = lambda: weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, self.in_channels * h * w)  # noqa: E731
+        if torch.compiler.is_compiling() or weight.requires_grad:
+            return taps()
+        version = None if weight.is_inference() else weight._version  # inference tensors have none
+        key = (h, w, weight.data_ptr(), version, weight.dtype, weight.device)
+        cached = self.__dict__.get("_taps")
+        if cached is None or cached[0] != key:
+            cached = (key, taps().contiguous())
+            self.__dict__["_taps"] = cached
+        return cached[1]
+
+    def _visible_window(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """(h, w) of the input the one output pixel's window covers; None when the output is
+        not one pixel or the layer is not a plain dense convolution (groups, dilation, padding
+        by reflection or by a string rule)."""
+        if (x.dim() != 4 or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or isinstance(self.padding, str)):
+            return None
+        (H, W), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], self.kernel_size, self.stride, self.padding
+        if H + 2 * ph < kh or W + 2 * pw < kw or (H + 2 * ph - kh) // sh != 0 or (W + 2 * pw - kw) // sw != 0:
+            return None  # no output or more than one pixel
+        return min(H, kh - ph), min(W, kw - pw)
+
+
+def inference_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen copy of ``model`` for inference (e.g. a teacher): eval mode, no
+    ``requires_grad``, in ``dtype`` when given, its plain ``nn.Conv2d`` layers computing
+    one-pixel outputs as one matrix product (``OnePixelConv2d``; subclasses of ``nn.Conv2d``
+    keep their own forward). Layer names are the model's (hooks by name work on the copy);
+    the model itself is not changed."""
+    frozen = copy.deepcopy(model)
+    if dtype is not None:
+        frozen.to(dtype)
+    for module in frozen.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = OnePixelConv2d
+    return frozen.eval().requires_grad_(False)

@@ -159,6 +159,22 @@ def test_a_bf16_copy_is_reused_until_the_teacher_changes():
     assert torch.equal(kd._copy[1].fc.weight, teacher.fc.weight.bfloat16())
 
 
+@pytest.mark.parametrize("channels_last", [None, False])
+def test_a_bf16_copy_is_an_inference_copy(channels_last):
+    """The dtype copy is kdfast.layers.inference_copy's (plain convolutions computing one-pixel
+    outputs as products) and runs in channels_last unless told not to; the teacher keeps its
+    own layers and format."""
+    from kdfast.layers import OnePixelConv2d
+    teacher = teacher_net()
+    kd = KnowledgeDistillationCallback(teacher, L.SoftTarget, teacher_dtype=torch.bfloat16,
+                                       teacher_channels_last=channels_last)
+    fit_quietly(learner(), 1, 1e-2, cbs=kd)
+    runner = kd._copy[1]
+    assert type(runner.conv1) is OnePixelConv2d and type(teacher.conv1) is torch.nn.Conv2d
+    assert runner.conv1.weight.is_contiguous(memory_format=torch.channels_last) == (channels_last is None)
+    assert teacher.conv1.weight.is_contiguous()
+
+
 def test_compiled_teacher_is_reused_across_fits():
     kd = KnowledgeDistillationCallback(teacher_net(), L.SoftTarget, teacher_compile=EAGER_COMPILE)
     learn = learner()

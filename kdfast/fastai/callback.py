@@ -28,7 +28,6 @@ What differs from fasterai 0.4.1 (each a measured defect there):
 """
 from __future__ import annotations
 
-import copy
 import functools
 import time
 import warnings
@@ -43,7 +42,7 @@ from torch import nn
 
 from .. import _checks as checks
 from .._dtypes import acc_dtype
-from ..layers import find_layer, first_device
+from ..layers import find_layer, first_device, inference_copy
 from ..losses import _INPUTS, DistillationLoss
 
 __all__ = ["KnowledgeDistillationCallback"]
@@ -202,7 +201,9 @@ class KnowledgeDistillationCallback(Callback):
         (no version counters or autograd metadata on its tensors); its logits and hooked
         features are then copied once into normal tensors, which a loss may save for backward.
     teacher_channels_last: run it in channels_last (its inputs too): True, False, or None
-        (default) to follow the student's memory format (fastai's ``ChannelsLast``).
+        (default) to follow the student's memory format (fastai's ``ChannelsLast``), and use
+        channels_last for a bfloat16 or float16 ``teacher_dtype`` copy (the format oneDNN's and
+        cuDNN's 16-bit convolutions are fastest in).
     teacher_compile: ``torch.compile`` the frozen eval-mode teacher (True, or a dict of
         ``torch.compile`` arguments). It compiles at the first distilled batch and is reused
         by later fits while the teacher's weights, dtype and device stay the same; the time it
@@ -210,8 +211,9 @@ class KnowledgeDistillationCallback(Callback):
         a compiled module does not call hooks added after it was compiled).
     teacher_dtype: run a copy of the teacher in this dtype (e.g. ``torch.bfloat16``, for
         hardware with fast bf16 such as AMX CPUs or GPUs); the inputs are cast to it and its
-        outputs back to the student's dtype. The copy costs the teacher's size in that dtype;
-        the teacher itself is not changed.
+        outputs back to the student's dtype. The copy is ``kdfast.layers.inference_copy``
+        (convolutions with a one-pixel output computed as one matrix product) and costs the
+        teacher's size in that dtype; the teacher itself is not changed.
 
     When the weight is 0 (e.g. the first batch under ``cos``), the teacher is not run.
     """
@@ -294,8 +296,9 @@ class KnowledgeDistillationCallback(Callback):
         fit = _PerFit(_as_loss_function(self.loss), for_validation=for_validation,
                       teacher_modes=[(m, m.training) for m in self.teacher.modules()])
         self.teacher.eval()
-        channels_last = _is_channels_last(student) if self.teacher_channels_last is None \
-            else self.teacher_channels_last
+        channels_last = self.teacher_channels_last
+        if channels_last is None:  # the student's format; channels_last for a 16-bit copy (oneDNN, tensor cores)
+            channels_last = _is_channels_last(student) or self.teacher_dtype in (torch.bfloat16, torch.float16)
         fit.runner = self._dtype_copy() if self.teacher_dtype is not None else self.teacher
         if channels_last and not _is_channels_last(fit.runner):
             fit.runner.to(memory_format=torch.channels_last)
@@ -313,14 +316,14 @@ class KnowledgeDistillationCallback(Callback):
         self.__dict__["_fit"] = fit
 
     def _dtype_copy(self) -> nn.Module:
-        """A frozen eval-mode copy of the teacher in ``teacher_dtype``, made again only when the
-        teacher's weights changed since the last fit (the user's teacher is never cast: a cast
-        to bf16 and back would round its weights)."""
+        """A frozen eval-mode copy of the teacher in ``teacher_dtype`` (``inference_copy``:
+        one-pixel convolutions as matrix products), made again only when the teacher's weights
+        changed since the last fit (the user's teacher is never cast: a cast to bf16 and back
+        would round its weights)."""
         key = (_fingerprint(self.teacher), self.teacher_dtype)
         if self._copy is None or self._copy[0] != key:
             self._copy = self._compiled = None  # free the old copy before making the new one
-            model = copy.deepcopy(self.teacher).to(self.teacher_dtype).eval().requires_grad_(False)
-            self._copy = (key, model)
+            self._copy = (key, inference_copy(self.teacher, self.teacher_dtype))
         return self._copy[1]
 
     def _compiled_runner(self, runner: nn.Module) -> nn.Module:
