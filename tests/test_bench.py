@@ -103,3 +103,33 @@ def test_the_default_run_sweeps_sizes_and_keeps_the_floors():
     assert {"kdfast-cpu", "fasterai-eager", "torch-compile"} <= set(kl_sweep[0].providers)
     if torch.cuda.is_available():
         assert softmax_kl.sweep("cuda", False)[-1].shape["V"] == 2**18
+
+
+def test_attention_traffic_counts_the_passes():
+    """The CPU attention case counts what a forward and a backward run as two passes must move
+    (f_s read by each, f_t read, grad_f_s written: 84 MB at B = 64, 256/512 channels, 16x16);
+    the GPU floor counts one pass over f_s."""
+    (case, _), gpu = attention.cases("cpu", False), attention._min_bytes(64, [(256, 512, 16)], 4)
+    assert case.min_bytes == 64 * (3 * 256 + 512) * 16 * 16 * 4 == 83_886_080
+    assert gpu == 64 * (2 * 256 + 512) * 16 * 16 * 4
+
+
+def test_steadiness_compares_each_series_with_its_own_median():
+    """p90 against the median of its own series (a slow mode is calls several times slower
+    than their neighbours); a series uniformly slower after a temporary (inputs no longer
+    in cache) is recorded as interleaved_vs_alone, not failed."""
+    from kdfast.bench.harness import Case, Steadiness, steadiness_records
+
+    def series(median, p90):
+        return {"median_ms": median, "p90_ms": p90, "page_faults_per_call": 0}
+
+    case = Case("probe", {"n": 1}, torch.float32, "cpu", {}, steadiness=Steadiness(["p"], 1 << 20))
+    for interleaved, met in ((series(4.0, 4.4), True), (series(4.0, 5.2), False)):
+        measured = {"p": {"first_ms": 9.0, "steadiness": {"alone": series(2.0, 2.1), "interleaved": interleaved,
+                                                          "temporary_mb": 1.0}}}
+        (record,) = steadiness_records(case, {}, measured)
+        assert record["interleaved_vs_alone"] == 2.0 and record["met"] is met
+        assert record["interleaved_p90_ratio"] == pytest.approx(interleaved["p90_ms"] / 4.0)
+    slow_alone = {"p": {"first_ms": 9.0, "steadiness": {"alone": series(2.0, 2.6), "interleaved": series(2.0, 2.1),
+                                                        "temporary_mb": 1.0}}}
+    assert steadiness_records(case, {}, slow_alone)[0]["met"] is False
