@@ -82,7 +82,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                  steadiness=Steadiness(["kdfast-cpu"], 2**26 if quick else 2**28),
                  roofline=Roofline("kdfast-cpu", within=None, copy_fraction=0.8)),
             Case("attention_transfer", _shape(resnet_batch, resnet), dtype, device,
-                 _providers(resnet_batch, resnet, dtype, device), min_bytes=_min_bytes(resnet_batch, resnet, 4, student_reads=2),
+                 _providers(resnet_batch, resnet, dtype, device),
+                 min_bytes=_min_bytes(resnet_batch, resnet, 4, student_reads=2),
                  note="resnet-like set of three layer pairs in one call (report only)"),
         ]
     dtype = torch.bfloat16
