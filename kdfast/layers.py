@@ -252,6 +252,11 @@ def inference_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     one-pixel outputs as one matrix product (``OnePixelConv2d``; subclasses of ``nn.Conv2d``
     keep their own forward). Layer names are the model's (hooks by name work on the copy);
     the model itself is not changed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inference_copy: model must be a torch.nn.Module, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"inference_copy: dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None "
+                        f"(keep the model's), got {dtype!r}")
     frozen = copy.deepcopy(model)
     if dtype is not None:
         frozen.to(dtype)

@@ -182,3 +182,11 @@ def test_resnet18_on_32x32_images():
         h.remove()
     assert len(stage4) == 5 and all(w is not None for w in seen)
     assert_close(y, expected, TOLERANCE[torch.float32], "logits", floor=float(expected.abs().max()))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="inference_copy: model must be a torch.nn.Module, got function"):
+        inference_copy(lambda x: x)
+    for dtype in (torch.int8, "bfloat16"):
+        with pytest.raises(TypeError, match="inference_copy: dtype must be a floating torch.dtype"):
+            inference_copy(resnet_like(), dtype)
