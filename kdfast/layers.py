@@ -193,6 +193,14 @@ def match_feature_layers(student_model: nn.Module, teacher_model: nn.Module, sam
 # ---------------------------------------------------------------------------------------------
 # A frozen teacher for inference
 
+def tensor_state(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current values without reading them: its storage, version
+    counter (bumped by in-place updates such as an optimizer step; inference tensors have
+    none), dtype, device and strides. What is derived from a weight is reused while it holds."""
+    version = None if t.is_inference() else t._version
+    return t.data_ptr(), version, t.dtype, t.device, t.stride()
+
+
 class OnePixelConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose one-pixel outputs are one matrix product (the layers of
     ``inference_copy``; any other output is ``nn.Conv2d``'s).
@@ -225,8 +233,7 @@ class OnePixelConv2d(nn.Conv2d):
         taps = lambda: weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, self.in_channels * h * w)  # noqa: E731
         if torch.compiler.is_compiling() or weight.requires_grad:
             return taps()
-        version = None if weight.is_inference() else weight._version  # inference tensors have none
-        key = (h, w, weight.data_ptr(), version, weight.dtype, weight.device)
+        key = (h, w, tensor_state(weight))
         cached = self.__dict__.get("_taps")
         if cached is None or cached[0] != key:
             cached = (key, taps().contiguous())

@@ -65,7 +65,8 @@ def sweep(device: str, quick: bool) -> list[Case]:
         dtype, pair, batches = torch.bfloat16, (256, 512, 56), [16, 64] if quick else [16, 32, 64, 128, 256, 512]
     size = torch.empty((), dtype=dtype).element_size()
     return [Case("attention_transfer", _shape(b, [pair]), dtype, device, _providers(b, [pair], dtype, device),
-                 min_bytes=_min_bytes(b, [pair], size, 2 if device == "cpu" else 1), sweep="B", note="size sweep")
+                 min_bytes=_min_bytes(b, [pair], size, student_reads=2 if device == "cpu" else 1),
+                 sweep="B", note="size sweep")
             for b in batches]
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import _checks as checks
 from .._dtypes import acc_dtype
-from ..layers import find_layer, first_device, inference_copy
+from ..layers import find_layer, first_device, inference_copy, tensor_state
 from ..losses import _INPUTS, DistillationLoss
 
 __all__ = ["KnowledgeDistillationCallback"]
@@ -110,11 +110,9 @@ def _plain(x):
 
 
 def _fingerprint(model: nn.Module) -> tuple:
-    """What identifies the teacher's current weights without reading them: each tensor's
-    storage, version counter (bumped by in-place updates such as an optimizer step), dtype and
-    device. A prepared teacher (a dtype copy, a compiled module) is reused while it holds."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.stride())
-                 for t in (*model.parameters(), *model.buffers()))
+    """The teacher's current weights (``tensor_state`` of each parameter and buffer): a
+    prepared teacher (a dtype copy, a compiled module) is reused while it holds."""
+    return tuple(tensor_state(t) for t in (*model.parameters(), *model.buffers()))
 
 
 def _first_tensor(xs):
